@@ -1,0 +1,129 @@
+"""The Python API behind every CLI command. Each function prints what a user needs and returns the data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from dfield.config import TrainConfig, load_config
+from dfield.train import Trainer
+
+console = Console(stderr=True)
+
+
+def train(cfg: TrainConfig, out: Path, resume: bool = False, overwrite: bool = False, evaluate: bool = True,
+          progress: bool = True) -> Path:
+    out = Path(out)
+    if resume and (out / "config.json").is_file():
+        saved = load_config(out / "config.json")
+        if Path(saved.data.path).resolve() != Path(cfg.data.path).resolve() and str(cfg.data.path) != ".":
+            console.print(f"[yellow]resuming {out} with its saved config (data {saved.data.path}); other options ignored")
+        trainer = Trainer.resume(out, iterations=cfg.iterations if cfg.iterations != saved.iterations else None)
+    else:
+        trainer = Trainer.create(cfg, out, overwrite=overwrite)
+    return _fit(trainer, evaluate, progress)
+
+
+def resume(run: Path, iterations: int | None = None, evaluate: bool = True, progress: bool = True) -> Path:
+    return _fit(Trainer.resume(run, iterations=iterations), evaluate, progress)
+
+
+def _fit(trainer: Trainer, evaluate: bool, progress: bool) -> Path:
+    cfg = trainer.cfg
+    if trainer.step > 0:
+        console.print(f"resuming {trainer.run_dir} at step {trainer.step} ({trainer.seconds:.0f} s trained)")
+    console.print(f"training {cfg.model} on {len(trainer.data)} views of {trainer.data.width}x{trainer.data.height} "
+                  f"({cfg.data.path}) -> {trainer.run_dir}")
+    trainer.train(progress=progress)
+    console.print(f"trained {trainer.step} steps in {trainer.seconds:.1f} s; last batch PSNR {trainer.last.get('psnr', float('nan')):.2f} dB")
+    if evaluate:
+        globals()["evaluate"](trainer.run_dir, device=cfg.device)
+    return trainer.run_dir
+
+
+def evaluate(run: Path, split: str = "test", every: int | None = None, save_images: bool = False, device: str = "cpu") -> dict:
+    from dfield.evaluate import evaluate_run, format_summary
+
+    res = evaluate_run(run, split=split, device=device, every=every, save_images=save_images)
+    print(format_summary(res))
+    print(f"wrote {Path(run) / 'eval.json'}")
+    return res
+
+
+def render(run: Path, out: Path | None = None, path: str = "test", frames: int = 60, every: int = 1, video: bool = True,
+           depth: bool = True, device: str = "cpu", resolution_scale: float = 1.0) -> list[Path]:
+    from rich.progress import track
+
+    from dfield.camera_paths import orbit_path, spiral_path
+    from dfield.export import colorize_depth, save_png, save_video
+    from dfield.run import open_run
+    from dfield.views import ndc_of, render_camera
+
+    r = open_run(run, device)
+    out = Path(out) if out is not None else Path(run) / "renders" / path
+    if path in ("test", "train"):
+        from dfield.train import load_eval_data
+
+        r.cfg.data.test_every = every
+        cams = load_eval_data(r.cfg, path).cameras
+    else:
+        base = r.scene.train_cameras()
+        cams = orbit_path(base, frames) if path == "orbit" else spiral_path(base, frames)
+        if resolution_scale != 1.0:
+            cams = cams.scaled(resolution_scale)
+    out.mkdir(parents=True, exist_ok=True)
+    written, rgb_frames, depth_frames = [], [], []
+    for i in track(range(len(cams)), description=f"render {path}", console=console):
+        o = render_camera(r.model, cams, i, ndc_of(r.scene), device=device)
+        written.append(save_png(out / f"rgb_{i:03d}.png", o["rgb"]))
+        rgb_frames.append(o["rgb"])
+        if depth:
+            d = colorize_depth(o["depth"], o["acc"])
+            written.append(save_png(out / f"depth_{i:03d}.png", d))
+            depth_frames.append(d)
+    if video and len(rgb_frames) > 1:
+        written.append(save_video(out / "rgb.mp4", rgb_frames, fps=24 if path in ("orbit", "spiral") else 4))
+        if depth_frames:
+            written.append(save_video(out / "depth.mp4", depth_frames, fps=24 if path in ("orbit", "spiral") else 4))
+    print(f"wrote {len(written)} files to {out}")
+    return written
+
+
+def demo(out: Path = Path("demo_out"), seed: int = 0, iterations: int | None = None) -> dict:
+    """Generated scene -> trained run -> evaluation -> renders. Everything lands in `out`."""
+    from dfield.data.generate import SceneSpec, generate_scene
+
+    out = Path(out)
+    scene_dir = out / "scene"
+    console.print(f"[bold]1/4[/] generating a scene in {scene_dir}")
+    generate_scene(scene_dir, SceneSpec(seed=seed))
+    cfg = demo_config(scene_dir)
+    if iterations is not None:
+        cfg.iterations = iterations
+    console.print("[bold]2/4[/] training")
+    run_dir = train(cfg, out / "run", overwrite=True, evaluate=False)
+    console.print("[bold]3/4[/] evaluating on held-out views")
+    res = evaluate(run_dir)
+    console.print("[bold]4/4[/] rendering test views and an orbit")
+    files = render(run_dir, out / "renders" / "test", path="test") + render(run_dir, out / "renders" / "orbit", path="orbit", frames=48)
+    summary = {"psnr": res["psnr"], "ssim": res.get("ssim"), "train_seconds": res["train_seconds"],
+               "renders": [str(f) for f in files if f.suffix == ".mp4"] + [str(out / "renders" / "test")]}
+    (out / "demo.json").write_text(json.dumps(summary, indent=1))
+    console.print(f"[bold green]done[/]: test PSNR {res['psnr']:.2f} dB after {res['train_seconds']:.0f} s of training")
+    for f in summary["renders"]:
+        print(f"  {f}")
+    return summary
+
+
+def demo_config(scene_dir: Path) -> TrainConfig:
+    cfg = TrainConfig()
+    cfg.data.path = Path(scene_dir)
+    return cfg
+
+
+def set_threads(n: int) -> None:
+    if n > 0:
+        torch.set_num_threads(n)

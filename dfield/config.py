@@ -1,0 +1,92 @@
+"""Typed training configuration, serialised into every run folder as config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import tyro
+
+from dfield.models.grid import GridModelConfig
+from dfield.models.nerf import NeRFModelConfig
+
+
+@dataclass
+class DataConfig:
+    path: tyro.conf.Positional[Path] = Path(".")
+    """Scene folder: Blender/nerfstudio transforms*.json, LLFF poses_bounds.npy, or COLMAP sparse/0."""
+    downscale: float = 1.0
+    """Load images this many times smaller (4: 400 px -> 100 px)."""
+    background: Literal["white", "black"] = "white"
+    """Colour transparent pixels are composited onto, and the colour rendered where rays see nothing."""
+    llff_mode: Literal["ndc", "contract"] = "ndc"
+    holdout_every: int = 8
+    """For formats without explicit splits: every Nth image is held out for testing."""
+    test_every: int = 1
+    """Evaluate on every Nth test view (8 gives the 25-view lego protocol)."""
+
+
+@dataclass
+class TrainConfig:
+    data: Annotated[DataConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=DataConfig)
+    model: Literal["grid", "nerf"] = "grid"
+    """grid: factorised TensoRF-style field (fast on a CPU); nerf: the original PE-MLP NeRF (reference)."""
+    grid: GridModelConfig = field(default_factory=GridModelConfig)
+    nerf: NeRFModelConfig = field(default_factory=NeRFModelConfig)
+    iterations: int = 3000
+    batch_rays: int = 2048
+    lr_final_ratio: float = 0.1
+    """Learning rates decay exponentially to this fraction of their start over the run."""
+    checkpoint_every: int = 500
+    log_every: int = 25
+    max_seconds: float = 0.0
+    """Stop after this many seconds of training (0: no limit). Evaluation time is not counted."""
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 0
+    """CPU threads for PyTorch (0: PyTorch's default)."""
+
+
+def to_dict(cfg) -> dict:
+    def conv(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+def from_dict(cls, d: dict):
+    """Rebuild a (nested) dataclass from `to_dict` output; unknown keys are ignored, missing keep defaults."""
+    kwargs = {}
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    for name, f in hints.items():
+        if name not in d:
+            continue
+        v = d[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            v = from_dict(type(default), v)
+        elif isinstance(default, tuple):
+            v = tuple(v)
+        elif isinstance(default, Path):
+            v = Path(v)
+        kwargs[name] = v
+    return cls(**kwargs)
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    from dfield.checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps(to_dict(cfg), indent=1))
+
+
+def load_config(path: Path) -> TrainConfig:
+    return from_dict(TrainConfig, json.loads(Path(path).read_text()))

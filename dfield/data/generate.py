@@ -1,0 +1,460 @@
+"""Procedural multi-object scenes with ground truth, written as a Blender-format dataset.
+
+A few coloured primitives stand on a checkered ground disk. A numpy ray tracer renders them with
+Lambertian shading, one directional light plus ambient light, and hard shadows. All of it is
+view-independent, so a radiance field can fit it exactly, and every pixel's object is known, so
+segmentation and feature fields can be scored against ground truth.
+
+World frame is z-up like Blender: the ground is the disk z = 0, r <= 1.2; objects stand on it,
+at most ~0.8 tall, and everything lies inside the aabb [-1.5, 1.5]^3.
+
+Written to `out_dir` (the layout of Blender's synthetic scenes, plus ground truth):
+  transforms_{train,test}.json  camera_angle_x, frames [file_path, transform_matrix (c2w, OpenGL
+                                camera: looks down -z, +y up), id_path], and aabb, near, far.
+                                transforms_val.json only when n_val > 0 (no copy of test).
+  {split}/r_{i}.png             RGBA; rays that miss everything are transparent, to be composited
+                                onto white like the lego scene. Antialiased with supersample^2
+                                regular sub-samples per pixel.
+  {split}/id_{i}.png            uint8 id of what each pixel's centre ray hits: 0 nothing, 1 ground,
+                                2.. objects.
+  objects.json                  {"objects": [...], "background_id": 0, "light": ..., "spec": ...}
+
+Focal length is 0.5 * width / tan(0.5 * camera_angle_x) for both axes, principal point at the
+image centre, as Blender readers assume. Output bytes depend only on the spec.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+AABB = ((-1.5, -1.5, -1.5), (1.5, 1.5, 1.5))
+GROUND_RADIUS = 1.2
+GROUND_TILE = 0.2
+GROUND_COLORS = ((0.80, 0.78, 0.74), (0.55, 0.55, 0.57))
+TARGET = np.array([0.0, 0.0, 0.3])
+AMBIENT, DIFFUSE = 0.35, 0.65
+EPS = 1e-7  # smallest accepted ray distance
+SHADOW_OFFSET = 1e-4  # lift shadow-ray origins off the surface so they cannot re-hit it
+
+PALETTE = {
+    "red": (0.86, 0.16, 0.14),
+    "green": (0.18, 0.66, 0.22),
+    "blue": (0.16, 0.32, 0.86),
+    "yellow": (0.94, 0.82, 0.16),
+    "orange": (0.96, 0.52, 0.10),
+    "purple": (0.52, 0.22, 0.74),
+    "cyan": (0.12, 0.72, 0.78),
+    "pink": (0.94, 0.46, 0.66),
+    "brown": (0.52, 0.33, 0.18),
+}
+SHAPES = ("sphere", "box", "cylinder", "cone", "torus")
+PATTERNS = ("plain", "stripes", "checker", "dots")
+
+
+@dataclass
+class SceneSpec:
+    seed: int = 0
+    n_train: int = 60
+    n_test: int = 20
+    n_val: int = 0  # 0 writes no transforms_val.json
+    width: int = 100
+    height: int = 100
+    n_objects: int = 5  # 1..9 (one per palette colour)
+    supersample: int = 2  # sub-samples per pixel side, for antialiasing RGB and alpha
+    camera_angle_x: float = 0.6911112  # lego's horizontal field of view, radians
+    radius_min: float = 3.5  # camera distance from the look-at point (0, 0, 0.3)
+    radius_max: float = 4.0
+    elevation_min_deg: float = 15.0
+    elevation_max_deg: float = 60.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray-primitive intersection, in each primitive's local frame (origin at its centre, z up).
+# Each returns the nearest distance > EPS along unit directions `d`, inf where the ray misses.
+
+
+def _dot(a, b):
+    return np.einsum("ij,ij->i", a, b)
+
+
+def _first(*candidates):
+    return np.minimum.reduce([np.where(np.isfinite(t) & (t > EPS), t, np.inf) for t in candidates])
+
+
+def _quadratic(a, b, c):
+    """Both roots of a t^2 + b t + c (nan where none); a may be 0 for rays along a cone's side."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sq = np.sqrt(b * b - 4 * a * c)
+        return (-b - sq) / (2 * a), (-b + sq) / (2 * a)
+
+
+def _hit_sphere(o, d, radius):
+    b = _dot(o, d)
+    with np.errstate(invalid="ignore"):
+        sq = np.sqrt(b * b - _dot(o, o) + radius * radius)
+    return _first(-b - sq, -b + sq)
+
+
+def _hit_box(o, d, size):
+    half = np.asarray(size) / 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t1, t2 = (-half - o) / d, (half - o) / d
+    near, far = np.minimum(t1, t2).max(1), np.maximum(t1, t2).min(1)
+    return np.where(near <= far, _first(near, far), np.inf)
+
+
+def _hit_cylinder(o, d, radius, height):
+    hh = height / 2
+    ts = _quadratic(d[:, 0] ** 2 + d[:, 1] ** 2, 2 * (o[:, 0] * d[:, 0] + o[:, 1] * d[:, 1]),
+                    o[:, 0] ** 2 + o[:, 1] ** 2 - radius**2)
+    side = [np.where(np.abs(o[:, 2] + t * d[:, 2]) <= hh, t, np.inf) for t in ts]
+    caps = [_hit_cap(o, d, z, radius) for z in (-hh, hh)]
+    return _first(*side, *caps)
+
+
+def _hit_cone(o, d, radius, height):
+    # Base at z = -h/2, apex at z = +h/2: x^2 + y^2 = k^2 (h/2 - z)^2 with k = radius / height.
+    hh, k2 = height / 2, (radius / height) ** 2
+    w = hh - o[:, 2]
+    ts = _quadratic(d[:, 0] ** 2 + d[:, 1] ** 2 - k2 * d[:, 2] ** 2,
+                    2 * (o[:, 0] * d[:, 0] + o[:, 1] * d[:, 1] + k2 * w * d[:, 2]),
+                    o[:, 0] ** 2 + o[:, 1] ** 2 - k2 * w * w)
+    side = [np.where(np.abs(o[:, 2] + t * d[:, 2]) <= hh, t, np.inf) for t in ts]  # not the mirror cone
+    return _first(*side, _hit_cap(o, d, -hh, radius))
+
+
+def _hit_cap(o, d, z, radius):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (z - o[:, 2]) / d[:, 2]
+        x, y = o[:, 0] + t * d[:, 0], o[:, 1] + t * d[:, 1]
+        return np.where(x * x + y * y <= radius * radius, t, np.inf)
+
+
+def _hit_torus(o, d, major_radius, minor_radius):
+    # The quartic's roots are the eigenvalues of its companion matrix (batched LAPACK, no Python
+    # loop). Starting from the bounding sphere's entry point, in units of the major radius, keeps
+    # the coefficients well conditioned.
+    big, small = major_radius, minor_radius / major_radius
+    b = _dot(o, d)
+    t0 = np.maximum(-b - np.sqrt(np.maximum(b * b - _dot(o, o) + (major_radius + minor_radius) ** 2, 0)), 0)
+    p = (o + t0[:, None] * d) / big
+    e, f = _dot(p, p) + 1 - small * small, _dot(p, d)
+    c3 = 4 * f
+    c2 = 4 * f * f + 2 * e - 4 * (d[:, 0] ** 2 + d[:, 1] ** 2)
+    c1 = 4 * e * f - 8 * (p[:, 0] * d[:, 0] + p[:, 1] * d[:, 1])
+    c0 = e * e - 4 * (p[:, 0] ** 2 + p[:, 1] ** 2)
+    companion = np.zeros((len(o), 4, 4))
+    companion[:, 0] = -np.stack([c3, c2, c1, c0], 1)
+    companion[:, [1, 2, 3], [0, 1, 2]] = 1
+    roots = np.linalg.eigvals(companion)
+    t = roots.real.copy()
+    cs = [c[:, None] for c in (c3, c2, c1, c0)]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for _ in range(2):  # Newton polish: eigenvalues lose digits near double roots
+            val = (((t + cs[0]) * t + cs[1]) * t + cs[2]) * t + cs[3]
+            slope = ((4 * t + 3 * cs[0]) * t + 2 * cs[1]) * t + cs[2]
+            t = np.where(slope != 0, t - val / slope, t)
+    t = np.where((np.abs(roots.imag) < 1e-6) & (t > EPS), t, np.inf).min(1)
+    return t0 + t * big
+
+
+_HIT = {"sphere": _hit_sphere, "box": _hit_box, "cylinder": _hit_cylinder, "cone": _hit_cone, "torus": _hit_torus}
+
+
+def _normal(shape, p, params):
+    """Outward unit normal at local surface points `p`."""
+    x, y, z = p.T
+    if shape == "sphere":
+        n = p.copy()
+    elif shape == "box":
+        q = np.abs(p) / np.asarray(params["size"])
+        axis = q.argmax(1)
+        n = np.zeros_like(p)
+        n[np.arange(len(p)), axis] = np.sign(p[np.arange(len(p)), axis])
+    elif shape == "torus":
+        rho = np.maximum(np.hypot(x, y), 1e-12)
+        n = p - params["major_radius"] * np.stack([x / rho, y / rho, 0 * z], 1)
+    else:  # cylinder or cone: pick side or cap by which surface the point is closer to
+        r, hh = params["radius"], params["height"] / 2
+        rho = np.maximum(np.hypot(x, y), 1e-12)
+        if shape == "cylinder":
+            on_cap = np.abs(z) - hh > rho - r
+            side = np.stack([x / rho, y / rho, 0 * z], 1)
+        else:
+            k = r / params["height"]
+            on_cap = z + hh < np.abs(rho - k * (hh - z))
+            side = np.stack([x / rho, y / rho, np.full_like(z, k)], 1)
+        n = np.where(on_cap[:, None], np.stack([0 * x, 0 * y, np.sign(z)], 1), side)
+    return n / np.linalg.norm(n, axis=1, keepdims=True)
+
+
+def _pattern(kind, p, period):
+    """Where a surface texture takes its second colour, from local points (so it moves with the object)."""
+    cells = np.floor(p / period).astype(np.int64)
+    if kind == "stripes":
+        return cells[:, 2] % 2 == 1
+    if kind == "checker":
+        return cells.sum(1) % 2 == 1
+    if kind == "dots":
+        frac = p / period - np.round(p / period)
+        return np.linalg.norm(frac, axis=1) < 0.3
+    return np.zeros(len(p), bool)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scene
+
+
+@dataclass
+class _Object:
+    id: int
+    name: str
+    shape: str
+    color: np.ndarray
+    pattern: str
+    period: float
+    center: np.ndarray
+    yaw: float
+    params: dict
+    footprint: float  # radius of the circle it covers on the ground
+
+    @property
+    def bound(self):  # bounding-sphere radius about the centre (which is at half height)
+        return math.hypot(self.footprint, self.center[2])
+
+    def _rot(self, v, sign):
+        c, s = math.cos(sign * self.yaw), math.sin(sign * self.yaw)
+        return np.stack([c * v[:, 0] - s * v[:, 1], s * v[:, 0] + c * v[:, 1], v[:, 2]], 1)
+
+    def hit(self, o, d):
+        # Only rays through the bounding sphere are solved exactly; most rays miss most objects.
+        oc = o - self.center
+        b = _dot(oc, d)
+        disc = b * b - _dot(oc, oc) + self.bound**2
+        idx = np.nonzero((disc >= 0) & (-b + np.sqrt(np.maximum(disc, 0)) > 0))[0]
+        t = np.full(len(d), np.inf)
+        if len(idx):
+            t[idx] = _HIT[self.shape](self._rot(oc[idx], -1), self._rot(d[idx], -1), **self.params)
+        return t
+
+    def surface(self, p):
+        """World normals and albedo at world surface points."""
+        local = self._rot(p - self.center, -1)
+        second = _pattern(self.pattern, local, self.period)
+        albedo = np.where(second[:, None], 0.45 * self.color, self.color)
+        return self._rot(_normal(self.shape, local, self.params), 1), albedo
+
+    def to_json(self):
+        if self.shape == "box":
+            sx, sy, _ = np.asarray(self.params["size"]) / 2
+            corners = np.array([[sx, sy, 0], [sx, -sy, 0], [-sx, sy, 0], [-sx, -sy, 0]])
+            reach = self._rot(corners, 1)[:, :2].max(0)
+        else:
+            reach = np.full(2, self.footprint)
+        lo, hi = np.r_[self.center[:2] - reach, 0.0], np.r_[self.center[:2] + reach, 2 * self.center[2]]
+        params = {k: _round(v) for k, v in self.params.items()}
+        return {"id": self.id, "name": self.name, "shape": self.shape, "color": _round(self.color),
+                "pattern": self.pattern, "pattern_period": _round(self.period), "center": _round(self.center),
+                "yaw": _round(self.yaw), **params, "bbox": [_round(lo), _round(hi)]}
+
+
+def _round(x):
+    return np.round(np.asarray(x, float), 6).tolist()
+
+
+def _sample_shape(shape, rng, scale):
+    """Size parameters, height and footprint radius of one primitive."""
+    u = lambda lo, hi: float(rng.uniform(lo, hi) * scale)  # noqa: E731
+    if shape == "sphere":
+        r = u(0.2, 0.32)
+        return {"radius": r}, 2 * r, r
+    if shape == "box":
+        size = [u(0.3, 0.55), u(0.3, 0.55), u(0.3, 0.75)]
+        return {"size": size}, size[2], math.hypot(size[0], size[1]) / 2
+    if shape in ("cylinder", "cone"):
+        r = u(0.15, 0.25) if shape == "cylinder" else u(0.2, 0.3)
+        h = u(0.45, 0.8)
+        return {"radius": r, "height": h}, h, r
+    big, small = u(0.2, 0.27), u(0.07, 0.1)
+    return {"major_radius": big, "minor_radius": small}, 2 * small, big + small
+
+
+def _layout(n, rng):
+    colors = [str(c) for c in rng.permutation(list(PALETTE))[:n]]
+    shapes = [str(s) for s in rng.permutation(SHAPES)][:n]
+    shapes += [str(s) for s in rng.choice(SHAPES, n - len(shapes))]
+    scale = 1.0
+    while True:  # shrink everything until it all fits on the ground without touching
+        objects, placed = [], []
+        for i, (color, shape) in enumerate(zip(colors, shapes)):
+            params, height, foot = _sample_shape(shape, rng, scale)
+            for _ in range(100):
+                r = (GROUND_RADIUS - 0.15 - foot) * math.sqrt(rng.uniform())
+                a = rng.uniform(0, 2 * math.pi)
+                xy = np.array([r * math.cos(a), r * math.sin(a)])
+                if all(np.linalg.norm(xy - q) > foot + f + 0.05 for q, f in placed):
+                    break
+            else:
+                break
+            placed.append((xy, foot))
+            pattern = str(rng.choice(PATTERNS))
+            objects.append(_Object(
+                id=i + 2, name=f"{color} {shape}", shape=shape, color=np.array(PALETTE[color]),
+                pattern=pattern, period=float(rng.uniform(0.06, 0.12)) * scale, center=np.r_[xy, height / 2],
+                yaw=float(rng.uniform(0, math.pi)) if shape == "box" else 0.0, params=params,
+                footprint=foot))
+        if len(objects) == n:
+            return objects
+        scale *= 0.9
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _trace(objects, o, d):
+    """Nearest hit of each ray: distance and id (0 nothing, 1 ground, 2.. objects)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = -o[:, 2] / d[:, 2]
+    p = o + t[:, None] * d
+    ground = (t > EPS) & (p[:, 0] ** 2 + p[:, 1] ** 2 <= GROUND_RADIUS**2)
+    t = np.where(ground, t, np.inf)
+    ids = ground.astype(np.int64)
+    for obj in objects:
+        to = obj.hit(o, d)
+        closer = to < t
+        t, ids = np.where(closer, to, t), np.where(closer, obj.id, ids)
+    return t, ids
+
+
+def _shade(objects, light, o, d, t, ids):
+    p = o + t[:, None] * d
+    normal = np.tile([0.0, 0.0, 1.0], (len(p), 1))
+    cell = np.floor(p[:, :2] / GROUND_TILE).astype(np.int64).sum(1) % 2
+    albedo = np.asarray(GROUND_COLORS)[cell]
+    for obj in objects:
+        m = ids == obj.id
+        if m.any():
+            normal[m], albedo[m] = obj.surface(p[m])
+    lambert = np.clip(normal @ light, 0, None)
+    lit = np.nonzero(lambert > 0)[0]
+    # Hard shadows: the ground cannot shadow anything (the light is above it), so test objects only.
+    origin = p[lit] + SHADOW_OFFSET * normal[lit]
+    towards = np.broadcast_to(light, origin.shape)
+    blocked = np.zeros(len(lit), bool)
+    for obj in objects:
+        blocked |= np.isfinite(obj.hit(origin, towards))
+    lambert[lit[blocked]] = 0
+    return albedo * (AMBIENT + DIFFUSE * lambert[:, None])
+
+
+def _rays(c2w, focal, width, height, ss):
+    """Rays through a regular ss x ss grid of points in each pixel, row-major over the fine grid."""
+    x = ((np.arange(width * ss) + 0.5) / ss - width / 2) / focal
+    y = -((np.arange(height * ss) + 0.5) / ss - height / 2) / focal
+    rot = c2w[:3, :3]
+    d = (x[None, :, None] * rot[:, 0] + y[:, None, None] * rot[:, 1] - rot[:, 2]).reshape(-1, 3)
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    return np.broadcast_to(c2w[:3, 3], d.shape), d
+
+
+def _render(objects, light, c2w, focal, width, height, ss):
+    """(H, W, 4) uint8 RGBA with straight alpha, and (H, W) uint8 ids of the pixel-centre rays."""
+    o, d = _rays(c2w, focal, width, height, ss)
+    t, ids = _trace(objects, o, d)
+    hit = ids > 0
+    color = np.zeros((len(d), 3))
+    color[hit] = _shade(objects, light, o[hit], d[hit], t[hit], ids[hit])
+    premult = color.reshape(height, ss, width, ss, 3).mean((1, 3))
+    alpha = hit.reshape(height, ss, width, ss).mean((1, 3))
+    rgb = premult / np.maximum(alpha, 1e-12)[..., None]
+    rgba = np.round(np.clip(np.concatenate([rgb, alpha[..., None]], -1), 0, 1) * 255).astype(np.uint8)
+    o, d = _rays(c2w, focal, width, height, 1)
+    _, centre_ids = _trace(objects, o, d)
+    return rgba, centre_ids.reshape(height, width).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cameras
+
+
+def _look_at(eye, target):
+    forward = (target - eye) / np.linalg.norm(target - eye)
+    right = np.cross(forward, [0.0, 0.0, 1.0])
+    right /= np.linalg.norm(right)
+    c2w = np.eye(4)
+    c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = right, np.cross(right, forward), -forward, eye
+    return c2w
+
+
+def _cameras(spec, n, phase, rng):
+    """c2w of `n` cameras looking at TARGET from a Fibonacci spiral over the elevation band (even coverage)."""
+    i = np.arange(n)
+    lo, hi = (math.sin(math.radians(a)) for a in (spec.elevation_min_deg, spec.elevation_max_deg))
+    elevation = np.arcsin(lo + (hi - lo) * (i + 0.5) / max(n, 1))  # equal-area steps in elevation
+    azimuth = phase + i * math.pi * (3 - math.sqrt(5))
+    radius = rng.uniform(spec.radius_min, spec.radius_max, n)
+    eyes = TARGET + radius[:, None] * np.stack(
+        [np.cos(elevation) * np.cos(azimuth), np.cos(elevation) * np.sin(azimuth), np.sin(elevation)], 1)
+    return [_look_at(eye, TARGET) for eye in eyes]
+
+
+def _near_far(c2ws):
+    """Distances that bracket the whole aabb from every camera."""
+    lo, hi = np.asarray(AABB)
+    eyes = np.array([c[:3, 3] for c in c2ws])
+    near = np.linalg.norm(np.maximum(np.maximum(lo - eyes, eyes - hi), 0), axis=1).min()
+    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    far = np.linalg.norm(eyes[:, None] - corners[None], axis=2).max()
+    return math.floor(max(near, 0.05) * 100) / 100, math.ceil(far * 100) / 100
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def generate_scene(out_dir, spec: SceneSpec = SceneSpec()) -> Path:
+    """Render the scene described by `spec` into `out_dir` (see the module docstring) and return it."""
+    if not 1 <= spec.n_objects <= len(PALETTE):
+        raise ValueError(f"n_objects must be 1..{len(PALETTE)}, got {spec.n_objects}")
+    if min(spec.width, spec.height, spec.supersample) < 1 or spec.n_train < 1 or min(spec.n_test, spec.n_val) < 0:
+        raise ValueError(f"bad scene spec: {spec}")
+    out = Path(out_dir)
+    rng = np.random.default_rng(spec.seed)
+    objects = _layout(spec.n_objects, rng)
+    azimuth, elevation = rng.uniform(0, 2 * math.pi), rng.uniform(math.radians(40), math.radians(60))
+    light = np.array([math.cos(elevation) * math.cos(azimuth), math.cos(elevation) * math.sin(azimuth),
+                      math.sin(elevation)])
+    # Each split's spiral is turned by a different angle, so test and val views are held-out positions.
+    phase = rng.uniform(0, 2 * math.pi)
+    splits = {name: _cameras(spec, n, phase + k * 2.0, rng)
+              for k, (name, n) in enumerate([("train", spec.n_train), ("test", spec.n_test), ("val", spec.n_val)])
+              if n > 0 or name != "val"}
+    near, far = _near_far([c for cams in splits.values() for c in cams])
+    focal = 0.5 * spec.width / math.tan(0.5 * spec.camera_angle_x)
+
+    for name, cams in splits.items():
+        (out / name).mkdir(parents=True, exist_ok=True)
+        frames = []
+        for i, c2w in enumerate(cams):
+            rgba, ids = _render(objects, light, c2w, focal, spec.width, spec.height, spec.supersample)
+            Image.fromarray(rgba, "RGBA").save(out / name / f"r_{i}.png")
+            Image.fromarray(ids, "L").save(out / name / f"id_{i}.png")
+            frames.append({"file_path": f"./{name}/r_{i}", "transform_matrix": _round(c2w),
+                           "id_path": f"./{name}/id_{i}.png"})
+        meta = {"camera_angle_x": spec.camera_angle_x, "aabb": [list(AABB[0]), list(AABB[1])],
+                "near": near, "far": far, "frames": frames}
+        (out / f"transforms_{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    ground = {"id": 1, "name": "ground", "shape": "disk", "center": [0.0, 0.0, 0.0], "radius": GROUND_RADIUS,
+              "color": list(GROUND_COLORS[0]), "color2": list(GROUND_COLORS[1]), "pattern": "checker",
+              "pattern_period": GROUND_TILE}
+    info = {"objects": [ground] + [obj.to_json() for obj in objects], "background_id": 0,
+            "light": {"direction": _round(light), "ambient": AMBIENT, "diffuse": DIFFUSE}, "spec": asdict(spec)}
+    (out / "objects.json").write_text(json.dumps(info, indent=2) + "\n")
+    return out

@@ -1,0 +1,108 @@
+"""LLFF forward-facing scenes: `poses_bounds.npy` + `images*/`, loaded as the original NeRF loader does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dfield.data.dataset import Cameras, DataError, Dataset
+from dfield.data.images import list_images, pick_image_folder, read_image
+
+# TensoRF's box for NDC space: x, y span the image plane (a little wider than [-1, 1] in y to keep
+# the edges of wide-aspect views), z the whole [near, inf) depth range.
+NDC_AABB = ((-1.5, -1.67, -1.0), (1.5, 1.67, 1.0))
+CONTRACT_AABB = ((-2.0, -2.0, -2.0), (2.0, 2.0, 2.0))
+BOUND_FACTOR = 0.75  # NeRF's bd_factor: after rescaling, the nearest bound sits at 1 / 0.75
+
+
+def _normalize(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def average_pose(c2w: np.ndarray) -> np.ndarray:
+    """(3, 4) mean camera: mean centre, mean viewing axis, up re-orthogonalised (NeRF's poses_avg)."""
+    z = _normalize(c2w[:, :, 2].sum(0))
+    x = _normalize(np.cross(c2w[:, :, 1].sum(0), z))
+    y = _normalize(np.cross(z, x))
+    return np.stack([x, y, z, c2w[:, :, 3].mean(0)], 1)
+
+
+def recenter(c2w: np.ndarray) -> np.ndarray:
+    """Express (N, 3, 4) poses in the frame of their average pose (NeRF's recenter_poses)."""
+    avg = np.eye(4)
+    avg[:3] = average_pose(c2w)
+    full = np.concatenate([c2w, np.broadcast_to([[[0, 0, 0, 1.0]]], (len(c2w), 1, 4))], 1)
+    return (np.linalg.inv(avg) @ full)[:, :3]
+
+
+def read_poses_bounds(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """c2w (N, 3, 4) in OpenGL axes, bounds (N, 2), hwf (3,) of the full-size images, all unscaled."""
+    if not path.is_file():
+        raise DataError(f"{path}: not found")
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            raise DataError(f"{path}: not a .npy array file")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    if arr.ndim != 2 or arr.shape[1] != 17 or arr.shape[0] == 0:
+        raise DataError(f"{path}: expected an (N, 17) array (3x5 pose + near, far per image), got shape {arr.shape}")
+    arr = arr.astype(np.float64)
+    if not np.isfinite(arr).all():
+        raise DataError(f"{path}: has non-finite values")
+    poses = arr[:, :15].reshape(-1, 3, 5)
+    bounds = arr[:, 15:]
+    if (bounds <= 0).any():
+        raise DataError(f"{path}: near/far bounds must be positive")
+    # LLFF columns are [down, right, back]; OpenGL wants [right, up, back].
+    poses = np.concatenate([poses[:, :, 1:2], -poses[:, :, 0:1], poses[:, :, 2:]], -1)
+    return poses[:, :, :4], bounds, poses[0, :, 4]
+
+
+def read_llff(root: Path, split: str = "train", downscale: float = 1.0, background=(1.0, 1.0, 1.0),
+              holdout_every: int = 8, mode: str = "ndc") -> Dataset:
+    root = Path(root)
+    npy = root / "poses_bounds.npy"
+    c2w, bounds, (hwf_h, hwf_w, focal) = read_poses_bounds(npy)
+    folder, rest = pick_image_folder(root, downscale)
+    paths = list_images(folder)
+    if len(paths) != len(c2w):
+        raise DataError(f"{folder}: {len(paths)} images, but {npy.name} has {len(c2w)} poses")
+
+    scale = 1.0 / (bounds.min() * BOUND_FACTOR)
+    c2w = c2w.copy()
+    c2w[:, :, 3] *= scale
+    bounds = bounds * scale
+    c2w = recenter(c2w)
+
+    idx = np.arange(len(c2w))
+    held = idx[idx % holdout_every == 0]
+    chosen = {"train": idx[idx % holdout_every != 0], "val": held, "test": held, "all": idx}[split]
+    if len(chosen) == 0:
+        raise DataError(f"{root}: split '{split}' has no images (holdout_every={holdout_every})")
+
+    images = [read_image(paths[i], rest, background) for i in chosen]
+    for i, im in zip(chosen, images):
+        if im.shape != images[0].shape:
+            raise DataError(f"{paths[i]}: image is {im.shape[1]}x{im.shape[0]}, but {paths[chosen[0]]} is "
+                            f"{images[0].shape[1]}x{images[0].shape[0]}; all images must have the same size")
+    height, width = images[0].shape[:2]
+    if abs(width / height - hwf_w / hwf_h) > 0.02 * hwf_w / hwf_h:
+        raise DataError(f"{folder}: images are {width}x{height}, but {npy.name} says {hwf_w:g}x{hwf_h:g}")
+    f = focal * width / hwf_w  # the pose file's focal is for the full-size images
+    n = len(chosen)
+    cameras = Cameras(c2w=torch.from_numpy(c2w[chosen]).float(), fx=torch.full((n,), f), fy=torch.full((n,), f),
+                      cx=torch.full((n,), width / 2), cy=torch.full((n,), height / 2), width=width, height=height)
+    common = dict(images=torch.from_numpy(np.stack(images)), cameras=cameras, image_paths=[paths[i] for i in chosen],
+                  background=tuple(background), split=split, source=str(root), format="llff")
+    if mode == "ndc":
+        return Dataset(**common, aabb=torch.tensor(NDC_AABB), near=0.0, far=1.0, ndc=True, ndc_focal=float(f),
+                       ndc_size=(width, height))
+    if mode == "contract":
+        # Depth bounds survive the rigid recentring; pad them a little as NeRF's loaders do.
+        return Dataset(**common, aabb=torch.tensor(CONTRACT_AABB), near=float(0.9 * bounds.min()),
+                       far=float(1.1 * bounds.max()))
+    raise ValueError(f"llff_mode must be 'ndc' or 'contract', got {mode!r}")

@@ -1,0 +1,80 @@
+"""One entry point for every scene format: detect it, check the options, call its reader."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from dfield.data.dataset import DataError, Dataset
+
+FORMATS = ("blender", "llff", "colmap")
+SPLITS = ("train", "val", "test", "all")
+BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0)}
+LLFF_MODES = ("ndc", "contract")
+
+
+def detect_format(path: Path) -> str:
+    """"blender", "llff" or "colmap" from the files in `path` (a scene folder or its transforms json)."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix == ".json":
+            return "blender"
+        if path.name == "poses_bounds.npy":
+            return "llff"
+        raise DataError(f"{path}: not a scene; give the scene folder")
+    if not path.is_dir():
+        raise DataError(f"{path}: no such folder")
+    if (path / "transforms.json").is_file() or any(path.glob("transforms_*.json")):
+        return "blender"
+    # LLFF scenes often carry the COLMAP model they came from; poses_bounds.npy is what they mean to use.
+    if (path / "poses_bounds.npy").is_file():
+        return "llff"
+    from dfield.data.colmap import find_model
+
+    if find_model(path) is not None:
+        return "colmap"
+    names = sorted(p.name for p in path.iterdir())
+    if not names:
+        raise DataError(f"{path}: folder is empty")
+    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    raise DataError(f"{path}: unknown scene format (found {shown}); expected transforms*.json (Blender), "
+                    "poses_bounds.npy (LLFF) or sparse/0/cameras.bin|txt (COLMAP)")
+
+
+def load_dataset(path, split: str = "train", downscale: float = 1.0, *, background="white", holdout_every: int = 8,
+                 llff_mode: str = "ndc", format: str | None = None) -> Dataset:
+    """Read one split of the scene at `path`; images come out `downscale` times smaller (a factor >= 1)."""
+    path = Path(path)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not (isinstance(downscale, (int, float)) and math.isfinite(downscale) and downscale >= 1):
+        raise ValueError(f"downscale must be a number >= 1, got {downscale!r}")
+    if isinstance(background, str):
+        if background not in BACKGROUNDS:
+            raise ValueError(f"background must be one of {tuple(BACKGROUNDS)} or an RGB triple, got {background!r}")
+        bg = BACKGROUNDS[background]
+    else:
+        bg = tuple(float(c) for c in background)
+        if len(bg) != 3 or not all(0 <= c <= 1 for c in bg):
+            raise ValueError(f"background RGB must be 3 values in [0, 1], got {background!r}")
+    if not (isinstance(holdout_every, int) and holdout_every >= 1):
+        raise ValueError(f"holdout_every must be an integer >= 1, got {holdout_every!r}")
+    if llff_mode not in LLFF_MODES:
+        raise ValueError(f"llff_mode must be one of {LLFF_MODES}, got {llff_mode!r}")
+    fmt = format or detect_format(path)
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+
+    if fmt == "blender":
+        from dfield.data.blender import read_blender
+
+        return read_blender(path, split, downscale, bg, holdout_every)
+    if fmt == "llff":
+        from dfield.data.llff import read_llff
+
+        return read_llff(path.parent if path.is_file() else path, split, downscale, bg, holdout_every, llff_mode)
+    from dfield.data.colmap import read_colmap
+
+    return read_colmap(path, split, downscale, bg, holdout_every)

@@ -1,0 +1,90 @@
+"""The default radiance field: factorised (VM) density and appearance volumes plus a small colour MLP.
+
+A field is a function of points: `density(x)` and `color(x, d)` take world points inside `aabb`.
+The box can shrink during training (to the occupied region) and the volumes be resampled finer; both
+keep what was learned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dfield.fields.encoding import encoding_dim, positional_encoding
+from dfield.fields.vm import VMVolume
+
+
+@dataclass
+class TensoRFConfig:
+    density_comp: int = 16
+    app_comp: int = 48
+    app_dim: int = 27
+    hidden: int = 128
+    view_freqs: int = 2
+    feat_freqs: int = 2
+    # softplus(feature + shift) * scale: a negative shift starts the scene empty, the scale sets how
+    # quickly density grows per unit of feature.
+    density_shift: float = -10.0
+    density_scale: float = 25.0
+    init_scale: float = 0.1
+
+
+class TensoRFField(nn.Module):
+    def __init__(self, aabb: torch.Tensor, res, cfg: TensoRFConfig = TensoRFConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("aabb", aabb.clone().float())
+        self.density_vol = VMVolume(cfg.density_comp, res, cfg.init_scale)
+        self.app_vol = VMVolume(cfg.app_comp, res, cfg.init_scale)
+        self.basis = nn.Linear(3 * cfg.app_comp, cfg.app_dim, bias=False)
+        in_dim = cfg.app_dim + encoding_dim(cfg.app_dim, cfg.feat_freqs, False) + encoding_dim(3, cfg.view_freqs)
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, cfg.hidden), nn.ReLU(inplace=True),
+            nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU(inplace=True),
+            nn.Linear(cfg.hidden, 3),
+        )
+        nn.init.constant_(self.mlp[-1].bias, 0.0)
+
+    @property
+    def res(self) -> tuple[int, int, int]:
+        return self.density_vol.res
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.aabb[0]) / (self.aabb[1] - self.aabb[0])
+
+    def density(self, x: torch.Tensor) -> torch.Tensor:
+        feat = self.density_vol(self.normalize(x)).sum(-1)
+        return F.softplus(feat + self.cfg.density_shift) * self.cfg.density_scale
+
+    def app_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.basis(self.app_vol(self.normalize(x)))
+
+    def color(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        f = self.app_features(x)
+        h = torch.cat([f, positional_encoding(f, self.cfg.feat_freqs, False), positional_encoding(d, self.cfg.view_freqs)], -1)
+        return torch.sigmoid(self.mlp(h))
+
+    def grid_parameters(self) -> list[nn.Parameter]:
+        return [self.density_vol.planes, self.density_vol.lines, self.app_vol.planes, self.app_vol.lines]
+
+    def network_parameters(self) -> list[nn.Parameter]:
+        return list(self.basis.parameters()) + list(self.mlp.parameters())
+
+    @torch.no_grad()
+    def resize(self, res, aabb: torch.Tensor | None = None) -> None:
+        """Resample the volumes at `res`, over a new (smaller) box if given."""
+        if aabb is None:
+            lo, hi = torch.zeros(3), torch.ones(3)
+        else:
+            lo, hi = self.normalize(aabb[0]).cpu(), self.normalize(aabb[1]).cpu()
+        for vol in (self.density_vol, self.app_vol):
+            vol.crop(lo, hi, res)
+        if aabb is not None:
+            self.aabb.copy_(aabb)
+
+    def l1_density(self) -> torch.Tensor:
+        """Mean absolute density plane/line values: a sparsity prior that keeps empty space empty."""
+        return self.density_vol.planes.abs().mean() + self.density_vol.lines.abs().mean()

@@ -1,0 +1,145 @@
+"""Vector-matrix (TensoRF "VM") factorisation of a 3D feature volume, read by bilinear interpolation.
+
+A volume of C channels is stored as three planes (XY, XZ, YZ) times three lines (Z, Y, X) of `n_comp`
+components each; the value at a point is the per-component products of plane and line samples.
+
+The planes are stored channels-last as one table of rows and read with `F.embedding_bag`: on a CPU its
+forward is several times faster than `grid_sample`, and its backward about twice as fast (measured on
+2 cores, 60k points x 64 channels). That matters because interpolation dominates training time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PLANE_AXES = ((0, 1), (0, 2), (1, 2))
+LINE_AXES = (2, 1, 0)
+
+
+class _GatherRows(torch.autograd.Function):
+    """Weighted sum of table rows, `out[i] = sum_k w[i, k] * table[rows[i, k]]`.
+
+    Forward is `embedding_bag`; backward is one sparse-dense product, about three times faster on a
+    CPU than embedding_bag's own sort-based backward (2 cores, 100k points x 48 channels: 36 vs 124 ms).
+    """
+
+    @staticmethod
+    def forward(ctx, table, rows, weights):
+        ctx.save_for_backward(rows, weights)
+        ctx.n_rows = table.shape[0]
+        return F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows, weights = ctx.saved_tensors
+        n, k = rows.shape
+        cols = torch.arange(n, device=rows.device).repeat_interleave(k)
+        sel = torch.sparse_coo_tensor(torch.stack([rows.reshape(-1), cols]), weights.reshape(-1), (ctx.n_rows, n), check_invariants=False)
+        return torch.sparse.mm(sel, grad_out.contiguous()), None, None
+
+
+def gather_rows(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    if weights.requires_grad or table.device.type != "cpu":
+        # Gradients to the sample positions (deformation fields) or a GPU: the stock op handles both.
+        return F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
+    return _GatherRows.apply(table, rows, weights)
+
+
+def _bilinear_rows(u: torch.Tensor, ra: int, rb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Corner row ids (N, 4) and weights (N, 4) into an ra x rb plane for coords u (N, 2) in [0, 1]."""
+    size = u.new_tensor([ra - 1, rb - 1])
+    p = u.clamp(0, 1) * size
+    p0 = torch.minimum(p.floor(), size - 1)
+    f = p - p0
+    i0 = p0.long()
+    base = i0[:, 0] * rb + i0[:, 1]
+    rows = torch.stack([base, base + rb, base + 1, base + rb + 1], -1)
+    fx, fy = f[:, 0], f[:, 1]
+    w = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], -1)
+    return rows, w
+
+
+def _linear_rows(u: torch.Tensor, res: int) -> tuple[torch.Tensor, torch.Tensor]:
+    p = u.clamp(0, 1) * (res - 1)
+    p0 = p.floor().clamp(max=res - 2)
+    f = p - p0
+    i0 = p0.long()
+    return torch.stack([i0, i0 + 1], -1), torch.stack([1 - f, f], -1)
+
+
+def _offsets(res: tuple[int, int, int]) -> tuple[list[int], list[int]]:
+    """Where each plane's and each line's rows start in the shared tables."""
+    plane_sizes = [res[a] * res[b] for a, b in PLANE_AXES]
+    line_sizes = [res[c] for c in LINE_AXES]
+    return [sum(plane_sizes[:k]) for k in range(4)], [sum(line_sizes[:k]) for k in range(4)]
+
+
+class VMVolume(nn.Module):
+    """Three planes and three lines, each with `n_comp` channels, over the unit cube.
+
+    `res` is per axis, so a box that is not a cube still gets cubic voxels.
+    """
+
+    def __init__(self, n_comp: int, res, init_scale: float = 0.1):
+        super().__init__()
+        self.n_comp = n_comp
+        self.res = _as_res(res)
+        po, lo = _offsets(self.res)
+        self.planes = nn.Parameter(init_scale * torch.randn(po[3], n_comp))
+        self.lines = nn.Parameter(init_scale * torch.randn(lo[3], n_comp))
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """u: (N, 3) in [0, 1]^3 -> (N, 3 * n_comp) plane x line products, grouped by plane."""
+        n, r = u.shape[0], self.res
+        po, lo = _offsets(r)
+        prow, pw, lrow, lw = [], [], [], []
+        for k, ((a, b), c) in enumerate(zip(PLANE_AXES, LINE_AXES)):
+            rows, w = _bilinear_rows(u[:, [a, b]], r[a], r[b])
+            prow.append(rows + po[k])
+            pw.append(w)
+            rows, w = _linear_rows(u[:, c], r[c])
+            lrow.append(rows + lo[k])
+            lw.append(w)
+        # Stack as (3, N, corners) so the output rows come out grouped plane by plane.
+        planes = gather_rows(self.planes, torch.stack(prow).view(-1, 4), torch.stack(pw).view(-1, 4))
+        lines = gather_rows(self.lines, torch.stack(lrow).view(-1, 2), torch.stack(lw).view(-1, 2))
+        return (planes * lines).view(3, n, self.n_comp).permute(1, 0, 2).reshape(n, 3 * self.n_comp)
+
+    def plane_grids(self) -> list[torch.Tensor]:
+        """The planes as (C, ra, rb) images and lines as (C, rc) signals, for resampling and regularisers."""
+        po, lo = _offsets(self.res)
+        planes = [self.planes[po[k] : po[k + 1]].view(self.res[a], self.res[b], -1).permute(2, 0, 1) for k, (a, b) in enumerate(PLANE_AXES)]
+        lines = [self.lines[lo[k] : lo[k + 1]].permute(1, 0) for k in range(3)]
+        return planes + lines
+
+    @torch.no_grad()
+    def resample(self, res) -> None:
+        """Change resolution, keeping the same region (coarse-to-fine training)."""
+        self.crop(torch.zeros(3), torch.ones(3), res)
+
+    @torch.no_grad()
+    def crop(self, lo: torch.Tensor, hi: torch.Tensor, res) -> None:
+        """Resample onto the sub-box [lo, hi] of the unit cube at `res` (used when the scene box shrinks)."""
+        res = _as_res(res)
+        grids = self.plane_grids()
+        ax = [torch.linspace(float(lo[i]), float(hi[i]), res[i], device=self.planes.device) * 2 - 1 for i in range(3)]
+        new_p, new_l = [], []
+        for k, ((a, b), c) in enumerate(zip(PLANE_AXES, LINE_AXES)):
+            # grid_sample's grid is (x, y) = (width, height) = (second, first) plane axis.
+            gy, gx = torch.meshgrid(ax[a], ax[b], indexing="ij")
+            p = F.grid_sample(grids[k][None], torch.stack([gx, gy], -1)[None], align_corners=True)[0]
+            new_p.append(p.permute(1, 2, 0).reshape(-1, self.n_comp))
+            g1 = torch.stack([torch.zeros_like(ax[c]), ax[c]], -1)[None, :, None]
+            line = F.grid_sample(grids[3 + k][None, :, :, None], g1, align_corners=True)[0, :, :, 0]
+            new_l.append(line.permute(1, 0))
+        self.planes = nn.Parameter(torch.cat(new_p).contiguous())
+        self.lines = nn.Parameter(torch.cat(new_l).contiguous())
+        self.res = res
+
+
+def _as_res(res) -> tuple[int, int, int]:
+    if isinstance(res, int):
+        return (res, res, res)
+    return tuple(int(r) for r in res)

@@ -1,0 +1,151 @@
+"""The default model: a TensoRF field, occupancy-grid marching, and a coarse-to-fine schedule.
+
+The schedule is what makes a CPU budget work: start with a coarse grid (cheap steps, fast convergence
+of the overall shape), mark empty space and shrink the box to the object early, then refine the grid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from dfield.fields.tensorf import TensoRFConfig, TensoRFField
+from dfield.models.base import Model
+from dfield.rays import Rays
+from dfield.render import composite, scatter_samples, weights_from_density
+from dfield.sampling import OccupancyGrid, march
+
+
+@dataclass
+class GridModelConfig:
+    field: TensoRFConfig = field(default_factory=TensoRFConfig)
+    voxels_init: int = 32**3
+    voxels_final: int = 128**3
+    # Steps at which the grid is refined; voxel counts grow log-linearly from init to final.
+    upsample_steps: tuple[int, ...] = (200, 400, 700, 1000)
+    # Empty space is re-marked every `occupancy_every` steps from `occupancy_start` on (density keeps
+    # clearing early in training, so a stale grid would waste most samples); at `shrink_step` the box
+    # also shrinks to the occupied region, which gives the same voxel budget a finer resolution.
+    occupancy_start: int = 100
+    occupancy_every: int = 100
+    shrink_step: int = 300
+    occupancy_threshold: float = 1e-4
+    occupancy_max_res: int = 160
+    step_ratio: float = 0.5  # sample spacing in voxels
+    weight_threshold: float = 1e-4  # samples lighter than this skip the colour branch
+    lr_grid: float = 0.02
+    lr_network: float = 1e-3
+    l1_weight_init: float = 8e-5
+    l1_weight_rest: float = 4e-5
+    max_samples: int = 1024
+
+
+def voxel_res(aabb: torch.Tensor, n_voxels: int) -> tuple[int, int, int]:
+    """Per-axis resolution giving cubic voxels and about `n_voxels` cells over the box."""
+    size = (aabb[1] - aabb[0]).tolist()
+    voxel = (size[0] * size[1] * size[2] / n_voxels) ** (1 / 3)
+    return tuple(max(2, int(round(s / voxel))) for s in size)
+
+
+class GridModel(Model):
+    def __init__(self, aabb: torch.Tensor, near: float, far: float, background, cfg: GridModelConfig = GridModelConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.near, self.far = float(near), float(far)
+        self.register_buffer("background", torch.as_tensor(background, dtype=torch.float32))
+        self.field = TensoRFField(aabb, voxel_res(aabb, cfg.voxels_init), cfg.field)
+        self.occupancy: OccupancyGrid | None = None
+        self.shrunk = False
+        self._update_step_size()
+
+    # -- schedule -------------------------------------------------------------------------------
+    def _res_at(self, n_done: int) -> int:
+        k = len(self.cfg.upsample_steps)
+        a, b = math.log(self.cfg.voxels_init), math.log(self.cfg.voxels_final)
+        return int(round(math.exp(a + (b - a) * n_done / k))) if k else self.cfg.voxels_init
+
+    def _update_step_size(self) -> None:
+        aabb = self.field.aabb
+        voxel = ((aabb[1] - aabb[0]) / torch.tensor(self.field.res, device=aabb.device)).mean().item()
+        self.step = voxel * self.cfg.step_ratio
+
+    def on_step(self, step: int) -> bool:
+        changed = False
+        c = self.cfg
+        if step >= c.occupancy_start and (step - c.occupancy_start) % c.occupancy_every == 0 or step == c.shrink_step:
+            self.update_occupancy(shrink=step >= c.shrink_step and not self.shrunk)
+            changed = self.shrunk_now
+        if step in self.cfg.upsample_steps:
+            n = self.cfg.upsample_steps.index(step) + 1
+            self.field.resize(voxel_res(self.field.aabb, self._res_at(n)))
+            self._update_step_size()
+            changed = True
+        return changed
+
+    @torch.no_grad()
+    def update_occupancy(self, shrink: bool = False) -> float:
+        res = tuple(min(r, self.cfg.occupancy_max_res) for r in self.field.res)
+        grid = OccupancyGrid(self.field.aabb, max(res))
+        frac = grid.update(self.field.density, self.step, self.cfg.occupancy_threshold)
+        self.shrunk_now = False
+        if shrink:
+            box = grid.occupied_aabb()
+            # Keep a margin of two cells so surfaces near the edge are not clipped.
+            pad = 2 * (grid.aabb[1] - grid.aabb[0]) / grid.resolution
+            box = torch.stack([torch.maximum(box[0] - pad, grid.aabb[0]), torch.minimum(box[1] + pad, grid.aabb[1])])
+            vox = int(torch.tensor(self.field.res).prod())
+            self.field.resize(voxel_res(box, vox), box)
+            self._update_step_size()
+            self.shrunk = self.shrunk_now = True
+        self.occupancy = grid
+        return frac
+
+    # -- rendering ------------------------------------------------------------------------------
+    def render_rays(self, rays: Rays, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        s = march(rays, self.field.aabb, self.near, self.far, self.step, self.occupancy, generator, self.cfg.max_samples)
+        sigma = scatter_samples(s.mask, self.field.density(s.positions))
+        weights, _ = weights_from_density(sigma, s.dt)
+        # Only samples that visibly contribute pay for the colour branch.
+        heavy = weights[s.mask] > self.cfg.weight_threshold
+        color_mask = s.mask.clone()
+        color_mask[s.mask] = heavy
+        rgb_s = self.field.color(s.positions[heavy], rays.directions[s.ray_index[heavy]])
+        rgb = composite(weights, scatter_samples(color_mask, rgb_s))
+        acc = weights.sum(-1)
+        return {
+            "rgb": rgb + (1.0 - acc)[:, None] * self.background,
+            "depth": (weights * s.t).sum(-1),
+            "acc": acc,
+        }
+
+    # -- training -------------------------------------------------------------------------------
+    def param_groups(self, lr_scale: float = 1.0) -> list[dict]:
+        return [
+            {"params": self.field.grid_parameters(), "lr": self.cfg.lr_grid * lr_scale, "name": "grid"},
+            {"params": self.field.network_parameters(), "lr": self.cfg.lr_network * lr_scale, "name": "network"},
+        ]
+
+    def regularizer(self, step: int) -> torch.Tensor | None:
+        w = self.cfg.l1_weight_init if not self.shrunk else self.cfg.l1_weight_rest
+        return w * self.field.l1_density() if w > 0 else None
+
+    def structure(self) -> dict:
+        return {"res": list(self.field.res), "aabb": self.field.aabb.tolist(), "shrunk": self.shrunk, "has_occupancy": self.occupancy is not None}
+
+    def restructure(self, info: dict) -> None:
+        aabb = torch.tensor(info["aabb"], dtype=torch.float32, device=self.field.aabb.device)
+        self.field.aabb.copy_(aabb)
+        for vol in (self.field.density_vol, self.field.app_vol):
+            vol.crop(torch.zeros(3), torch.ones(3), tuple(info["res"]))
+        self.shrunk = info["shrunk"]
+        self._update_step_size()
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {} if self.occupancy is None else {f"occupancy.{k}": v for k, v in self.occupancy.state().items()}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if "occupancy.occupied" in tensors:
+            self.occupancy = OccupancyGrid(tensors["occupancy.aabb"], 2)
+            self.occupancy.load({"aabb": tensors["occupancy.aabb"], "occupied": tensors["occupancy.occupied"]})

@@ -1,0 +1,115 @@
+"""Pixels -> rays, and the random ray batches the trainer draws.
+
+Rays of non-NDC scenes have unit-length directions, so `t` along a ray is a distance in world units and
+a rendered depth is the distance from the camera centre.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dfield.data.dataset import Cameras, Dataset
+
+
+@dataclass
+class Rays:
+    origins: torch.Tensor  # (R, 3)
+    directions: torch.Tensor  # (R, 3)
+
+    def __len__(self) -> int:
+        return self.origins.shape[0]
+
+    def __getitem__(self, sl) -> "Rays":
+        return Rays(self.origins[sl], self.directions[sl])
+
+    def to(self, device) -> "Rays":
+        return Rays(self.origins.to(device), self.directions.to(device))
+
+
+def camera_rays(cameras: Cameras, cam_idx: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> Rays:
+    """Rays through pixel coordinates (u right, v down; pixel centres at +0.5) of the given cameras."""
+    c2w = cameras.c2w[cam_idx]
+    x = (u - cameras.cx[cam_idx]) / cameras.fx[cam_idx]
+    y = -(v - cameras.cy[cam_idx]) / cameras.fy[cam_idx]  # image v grows down, camera y up (OpenGL)
+    d_cam = torch.stack([x, y, -torch.ones_like(x)], -1)
+    d = (c2w[:, :, :3] @ d_cam[..., None])[..., 0]
+    return Rays(c2w[:, :, 3].expand_as(d).contiguous(), d)
+
+
+def to_ndc(rays: Rays, focal: float, width: int, height: int, near: float = 1.0) -> Rays:
+    """Map forward-facing rays into normalised device coordinates (the NeRF LLFF convention)."""
+    o, d = rays.origins, rays.directions
+    t = -(near + o[:, 2]) / d[:, 2]
+    o = o + t[:, None] * d
+    ox, oy, oz = o.unbind(-1)
+    dx, dy, dz = d.unbind(-1)
+    ax, ay = -2.0 * focal / width, -2.0 * focal / height
+    o_ndc = torch.stack([ax * ox / oz, ay * oy / oz, 1.0 + 2.0 * near / oz], -1)
+    d_ndc = torch.stack([ax * (dx / dz - ox / oz), ay * (dy / dz - oy / oz), -2.0 * near / oz], -1)
+    return Rays(o_ndc, d_ndc)
+
+
+def field_rays(cameras: Cameras, cam_idx, u, v, ndc: tuple[float, int, int] | None = None) -> Rays:
+    """Camera rays in the space the field lives in: unit directions, or NDC (focal, W, H) for forward-facing scenes."""
+    rays = camera_rays(cameras, cam_idx, u, v)
+    if ndc is not None:
+        return to_ndc(rays, *ndc)
+    return Rays(rays.origins, torch.nn.functional.normalize(rays.directions, dim=-1))
+
+
+def dataset_rays(data: Dataset, cam_idx: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> Rays:
+    return field_rays(data.cameras, cam_idx, u, v, (data.ndc_focal, *data.ndc_size) if data.ndc else None)
+
+
+def camera_image_rays(cameras: Cameras, i: int, ndc: tuple[float, int, int] | None = None) -> Rays:
+    """All rays of camera `i`, row-major (H*W rays)."""
+    h, w = cameras.height, cameras.width
+    v, u = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    cam = torch.full((h * w,), i, dtype=torch.long)
+    return field_rays(cameras, cam, u.reshape(-1) + 0.5, v.reshape(-1) + 0.5, ndc)
+
+
+def image_rays(data: Dataset, i: int) -> Rays:
+    return camera_image_rays(data.cameras, i, (data.ndc_focal, *data.ndc_size) if data.ndc else None)
+
+
+class RayBatcher:
+    """Draws random training rays with their target colours, reproducibly from its own generator.
+
+    Pixels are drawn uniformly over all training pixels. `keep` restricts the draw to a subset (e.g. the
+    pixels whose rays hit the scene box), which saves work on rays that can only ever see background.
+    """
+
+    def __init__(self, data: Dataset, batch_size: int, seed: int = 0):
+        self.data = data
+        self.batch_size = batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.n_pixels = len(data) * data.height * data.width
+        self.pool: torch.Tensor | None = None  # flat pixel ids to draw from, None = all
+        self.colors = data.images.reshape(-1, 3)
+
+    def restrict(self, pool: torch.Tensor | None) -> None:
+        self.pool = pool
+
+    def sample(self) -> tuple[Rays, torch.Tensor, torch.Tensor]:
+        """Returns rays, target rgb (R,3) float in [0,1], and the flat pixel ids."""
+        if self.pool is None:
+            ids = torch.randint(0, self.n_pixels, (self.batch_size,), generator=self.gen)
+        else:
+            ids = self.pool[torch.randint(0, len(self.pool), (self.batch_size,), generator=self.gen)]
+        return self.rays_of(ids) + (ids,)
+
+    def rays_of(self, ids: torch.Tensor) -> tuple[Rays, torch.Tensor]:
+        hw = self.data.height * self.data.width
+        cam, pix = ids // hw, ids % hw
+        v, u = pix // self.data.width, pix % self.data.width
+        rays = dataset_rays(self.data, cam, u.float() + 0.5, v.float() + 0.5)
+        return rays, self.colors[ids].float() / 255.0
+
+    def state(self) -> torch.Tensor:
+        return self.gen.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.gen.set_state(state)

@@ -1,0 +1,73 @@
+"""Tiny scene writers shared by the reader tests (a few pixels per image, so every test runs in milliseconds)."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def look_at(eye, target=(0.0, 0.0, 0.0), up=(0.0, 0.0, 1.0)) -> np.ndarray:
+    """4x4 OpenGL camera-to-world looking from `eye` at `target`."""
+    eye, target, up = (np.asarray(v, float) for v in (eye, target, up))
+    back = (eye - target) / np.linalg.norm(eye - target)
+    right = np.cross(up, back)
+    right /= np.linalg.norm(right)
+    m = np.eye(4)
+    m[:3, :4] = np.stack([right, np.cross(back, right), back, eye], 1)
+    return m
+
+
+@pytest.fixture
+def make_blender(tmp_path):
+    """Factory: a Blender scene of random RGBA images, cameras on a circle of radius 4 around the origin.
+
+    `splits` names the transforms_{split}.json files to write, or None for one transforms.json.
+    Returns the scene folder; frame i of each file is `{split}/r_{i}.png`.
+    """
+
+    def make(n=3, width=8, height=6, splits=("train", "val", "test"), name="scene", **meta):
+        root = tmp_path / name
+        rng = np.random.default_rng(0)
+        for split in splits or ("",):
+            folder = root / (split or "images")
+            folder.mkdir(parents=True, exist_ok=True)
+            frames = []
+            for i in range(n):
+                rgba = rng.integers(0, 256, (height, width, 4), dtype=np.uint8)
+                Image.fromarray(rgba, "RGBA").save(folder / f"r_{i}.png")
+                a = 2 * np.pi * i / n
+                eye = (4 * np.cos(a), 4 * np.sin(a), 1.0)
+                frames.append({"file_path": f"./{folder.name}/r_{i}", "transform_matrix": look_at(eye).tolist()})
+            body = {"camera_angle_x": 0.9, **meta, "frames": frames}
+            (root / (f"transforms_{split}.json" if split else "transforms.json")).write_text(json.dumps(body))
+        return root
+
+    return make
+
+
+@pytest.fixture
+def make_llff(tmp_path):
+    """Factory: an LLFF scene with full-size hwf (24, 32, 40) and its images in `images_4/` (8x6).
+
+    Cameras share the LLFF rotation [down, right, back] = [-y, +x, +z] (identity in OpenGL axes) and
+    sit on a small grid in the z = 0 plane; bounds are (2, 10) for every view.
+    """
+
+    def make(n=9, folder="images_4", width=8, height=6, name="llff"):
+        root = tmp_path / name
+        (root / folder).mkdir(parents=True)
+        rng = np.random.default_rng(1)
+        rows = []
+        for i in range(n):
+            pose = np.zeros((3, 5))
+            pose[:, 0], pose[:, 1], pose[:, 2] = (0, -1, 0), (1, 0, 0), (0, 0, 1)
+            pose[:, 3] = (i % 3 - 1.0, i // 3 - 1.0, 0.0)
+            pose[:, 4] = (24, 32, 40)
+            rows.append(np.concatenate([pose.ravel(), [2.0, 10.0]]))
+            rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            Image.fromarray(rgb).save(root / folder / f"im{i:03d}.png")
+        np.save(root / "poses_bounds.npy", np.array(rows))
+        return root
+
+    return make
