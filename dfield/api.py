@@ -9,7 +9,7 @@ import torch
 from rich.console import Console
 
 from dfield.config import TrainConfig, load_config
-from dfield.train import Trainer
+from dfield.train import Trainer, load_eval_data
 
 console = Console(stderr=True)
 
@@ -21,8 +21,12 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, overwrite: bool = F
         saved = load_config(out / "config.json")
         if Path(saved.data.path).resolve() != Path(cfg.data.path).resolve() and str(cfg.data.path) != ".":
             console.print(f"[yellow]resuming {out} with its saved config (data {saved.data.path}); other options ignored")
-        trainer = Trainer.resume(out, iterations=cfg.iterations if cfg.iterations != saved.iterations else None)
+        # Only an iteration count the user typed extends the run; the CLI default must not.
+        explicit = cfg.iterations not in (saved.iterations, TrainConfig().iterations)
+        trainer = Trainer.resume(out, iterations=cfg.iterations if explicit else None)
     else:
+        if evaluate:
+            load_eval_data(cfg)  # a broken test split must fail now, not after training
         trainer = Trainer.create(cfg, out, overwrite=overwrite)
     return _fit(trainer, evaluate, progress)
 

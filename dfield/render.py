@@ -13,11 +13,13 @@ import torch
 def weights_from_density(sigma: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """sigma, dt: (R, S). Returns rendering weights (R, S) and the transmittance left after the ray (R,)."""
     tau = sigma * dt
-    # Exclusive cumulative optical depth; exp of a sum is steadier than a cumprod of (1 - alpha).
-    cum = torch.cumsum(tau, dim=-1)
-    trans = torch.exp(-(cum - tau))
+    # Optical depth in front of each sample, summed without it (cumsum(tau) - tau would lose the front
+    # entirely in float32 when the last interval is huge, as in NeRF's 1e10 closing interval).
+    front = torch.cumsum(torch.cat([torch.zeros_like(tau[:, :1]), tau[:, :-1]], -1), dim=-1)
     alpha = 1.0 - torch.exp(-tau)
-    return alpha * trans, torch.exp(-cum[:, -1]) if cum.shape[1] else torch.ones(sigma.shape[0], device=sigma.device)
+    if tau.shape[1] == 0:
+        return alpha, torch.ones(sigma.shape[0], device=sigma.device)
+    return alpha * torch.exp(-front), torch.exp(-(front[:, -1] + tau[:, -1]))
 
 
 def composite(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -75,6 +75,8 @@ class Trainer:
         if max_seconds is not None:
             cfg.max_seconds = max_seconds
         data = load_train_data(cfg)
+        if iterations is not None or max_seconds is not None:
+            save_config(cfg, run_dir / "config.json")  # a killed extended run resumes to the new target
         trainer = cls(cfg, run_dir, data, SceneInfo.load(run_dir / "scene.json"))
         ckpt = latest_checkpoint(run_dir / "checkpoints")
         if ckpt is not None:
@@ -146,10 +148,10 @@ class Trainer:
         if reg is not None:
             loss = loss + reg
         if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss became {loss.item()} at step {self.step}; stopped. The last good checkpoint in "
-                f"{self.run_dir / 'checkpoints'} is kept; resume from it with a lower learning rate."
-            )
+            ckpt = latest_checkpoint(self.run_dir / "checkpoints")
+            folder = self.run_dir / "checkpoints"
+            kept = f"the last good checkpoint {ckpt} is kept" if ckpt else f"no checkpoint in {folder} yet"
+            raise TrainingDiverged(f"loss became {loss.item()} at step {self.step}; stopped ({kept}). Try lower learning rates.")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

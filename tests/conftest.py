@@ -71,3 +71,44 @@ def make_llff(tmp_path):
         return root
 
     return make
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Every test runs PyTorch on one thread: the suite shares a small machine with timing benchmarks."""
+    import torch
+
+    torch.set_num_threads(1)
+    yield
+
+
+TINY_SCENE_SPEC = dict(seed=0, width=20, height=20, n_train=8, n_test=2, supersample=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_scene(tmp_path_factory):
+    """A generated Blender-format scene of 8 train + 2 test views at 20x20 px (read-only: copy before editing)."""
+    from dfield.data.generate import SceneSpec, generate_scene
+
+    return generate_scene(tmp_path_factory.mktemp("tiny_scene"), SceneSpec(**TINY_SCENE_SPEC))
+
+
+@pytest.fixture(scope="session")
+def tiny_train_config():
+    """Factory: a TrainConfig small enough to train a few dozen steps in about a second, that still crosses
+    every schedule event (occupancy updates from step 5, grid upsamples at 10 and 20, box shrink at 15)."""
+    from pathlib import Path
+
+    from dfield.config import TrainConfig
+
+    def make(scene, **overrides):
+        cfg = TrainConfig(iterations=40, batch_rays=256, checkpoint_every=10, log_every=5)
+        cfg.data.path = Path(scene)
+        g = cfg.grid
+        g.voxels_init, g.voxels_final, g.upsample_steps = 8**3, 16**3, (10, 20)
+        g.occupancy_start, g.occupancy_every, g.shrink_step = 5, 5, 15
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
+        return cfg
+
+    return make

@@ -23,18 +23,23 @@ class GridModelConfig:
     field: TensoRFConfig = field(default_factory=TensoRFConfig)
     voxels_init: int = 32**3
     voxels_final: int = 128**3
-    # Steps at which the grid is refined; voxel counts grow log-linearly from init to final.
     upsample_steps: tuple[int, ...] = (200, 400, 700, 1000)
-    # Empty space is re-marked every `occupancy_every` steps from `occupancy_start` on (density keeps
-    # clearing early in training, so a stale grid would waste most samples); at `shrink_step` the box
-    # also shrinks to the occupied region, which gives the same voxel budget a finer resolution.
-    occupancy_start: int = 100
-    occupancy_every: int = 100
+    """Steps at which the grid is refined; voxel counts grow log-linearly from init to final."""
+    occupancy_start: int = 25
+    """First step at which empty space is marked in the occupancy grid."""
+    occupancy_every: int = 25
+    """Re-mark empty space this often until `occupancy_slow_after` (density clears fast early on)."""
+    occupancy_slow_after: int = 500
+    occupancy_every_late: int = 250
+    """Re-mark empty space this often after `occupancy_slow_after` (updates cost a full-grid density pass)."""
     shrink_step: int = 300
+    """Shrink the box to the occupied region here: the same voxel budget then buys a finer resolution."""
     occupancy_threshold: float = 1e-4
     occupancy_max_res: int = 160
-    step_ratio: float = 0.5  # sample spacing in voxels
-    weight_threshold: float = 1e-4  # samples lighter than this skip the colour branch
+    step_ratio: float = 0.5
+    """Sample spacing along rays, in voxels."""
+    weight_threshold: float = 1e-4
+    """Samples with a smaller rendering weight skip the colour branch."""
     lr_grid: float = 0.02
     lr_network: float = 1e-3
     l1_weight_init: float = 8e-5
@@ -74,7 +79,8 @@ class GridModel(Model):
     def on_step(self, step: int) -> bool:
         changed = False
         c = self.cfg
-        if step >= c.occupancy_start and (step - c.occupancy_start) % c.occupancy_every == 0 or step == c.shrink_step:
+        every = c.occupancy_every if step < c.occupancy_slow_after else c.occupancy_every_late
+        if step >= c.occupancy_start and (step - c.occupancy_start) % every == 0 or step == c.shrink_step:
             self.update_occupancy(shrink=step >= c.shrink_step and not self.shrunk)
             changed = self.shrunk_now
         if step in self.cfg.upsample_steps:

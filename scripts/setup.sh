@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine: a virtual environment in .venv with dfield and its test tools.
+# torch is installed first and pinned, so no dependency can pull a multi-GB CUDA build on top of it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_VERSION=${DFIELD_TORCH_VERSION:-2.13.0}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q "torch==${TORCH_VERSION}"
+.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -c "import torch, dfield; print('dfield ready: torch', torch.__version__)"
