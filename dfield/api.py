@@ -58,7 +58,7 @@ def evaluate(run: Path, split: str = "test", every: int | None = None, save_imag
 
 
 def render(run: Path, out: Path | None = None, path: str = "test", frames: int = 60, every: int = 1, video: bool = True,
-           depth: bool = True, device: str = "cpu", resolution_scale: float = 1.0) -> list[Path]:
+           depth: bool = True, device: str = "cpu", resolution_scale: float = 1.0, mode: str = "rgb") -> list[Path]:
     from rich.progress import track
 
     from dfield.camera_paths import orbit_path, spiral_path
@@ -78,18 +78,30 @@ def render(run: Path, out: Path | None = None, path: str = "test", frames: int =
         cams = orbit_path(base, frames) if path == "orbit" else spiral_path(base, frames)
         if resolution_scale != 1.0:
             cams = cams.scaled(resolution_scale)
+    if mode == "features" and getattr(r.model, "decoder", None) is None and getattr(r.model, "feature_source", None) is None:
+        from dfield.run import RunError
+
+        raise RunError(f"{run}: this run has no feature field (train with --features.teacher ...)")
     out.mkdir(parents=True, exist_ok=True)
     written, rgb_frames, depth_frames = [], [], []
+    pca = None
     for i in track(range(len(cams)), description=f"render {path}", console=console):
-        o = render_camera(r.model, cams, i, ndc_of(r.scene), device=device)
-        written.append(save_png(out / f"rgb_{i:03d}.png", o["rgb"]))
+        o = render_camera(r.model, cams, i, ndc_of(r.scene), device=device, features=mode == "features")
+        if mode == "features":
+            from dfield.feature_pca import FeaturePCA
+
+            feats = o["feature"]
+            if pca is None:  # fitted on the first view, then fixed: the same colour means the same feature
+                pca = FeaturePCA(feats.reshape(-1, feats.shape[-1])[o["acc"].reshape(-1) > 0.5])
+            o["rgb"] = pca(feats) * o["acc"][..., None] + (1 - o["acc"][..., None])
+        written.append(save_png(out / f"{mode}_{i:03d}.png", o["rgb"]))
         rgb_frames.append(o["rgb"])
         if depth:
             d = colorize_depth(o["depth"], o["acc"])
             written.append(save_png(out / f"depth_{i:03d}.png", d))
             depth_frames.append(d)
     if video and len(rgb_frames) > 1:
-        written.append(save_video(out / "rgb.mp4", rgb_frames, fps=24 if path in ("orbit", "spiral") else 4))
+        written.append(save_video(out / f"{mode}.mp4", rgb_frames, fps=24 if path in ("orbit", "spiral") else 4))
         if depth_frames:
             written.append(save_video(out / "depth.mp4", depth_frames, fps=24 if path in ("orbit", "spiral") else 4))
     print(f"wrote {len(written)} files to {out}")

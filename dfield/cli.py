@@ -57,7 +57,7 @@ def eval_(run: tyro.conf.Positional[Path], split: Literal["test", "val", "train"
 @app.command
 def render(run: tyro.conf.Positional[Path], out: Path | None = None, path: Literal["test", "orbit", "spiral", "train"] = "test",
            frames: int = 60, every: int = 1, video: bool = True, depth: bool = True, device: str = "cpu",
-           resolution_scale: float = 1.0) -> None:
+           resolution_scale: float = 1.0, mode: Literal["rgb", "features"] = "rgb") -> None:
     """Render RGB (and depth) images of a trained run along test views or a camera path, as PNG and MP4.
 
     Args:
@@ -66,11 +66,12 @@ def render(run: tyro.conf.Positional[Path], out: Path | None = None, path: Liter
         frames: Number of frames for orbit/spiral paths.
         every: Use every Nth dataset view.
         resolution_scale: Render orbit/spiral frames at this fraction (or multiple) of the training resolution.
+        mode: rgb: colour; features: the distilled feature field, PCA to RGB with one projection for all views.
     """
     from dfield import api
 
     api.render(run, out=out, path=path, frames=frames, every=every, video=video, depth=depth, device=device,
-               resolution_scale=resolution_scale)
+               resolution_scale=resolution_scale, mode=mode)
 
 
 @app.command(name="generate-scene")

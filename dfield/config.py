@@ -30,12 +30,29 @@ class DataConfig:
 
 
 @dataclass
+class FeatureConfig:
+    teacher: str = ""
+    """2D teacher to distil into a 3D feature field: '' (none), synthetic, dinov2, clip, files:FOLDER."""
+    dim: int = 32
+    """Width of the 3D feature field; a learned linear decoder maps it to the teacher's width."""
+    weight: float = 1.0
+    """lambda in loss = photometric + lambda * feature loss. Density never sees the feature loss (stop-grad)
+    and the feature parameters see only it, so with Adam lambda barely matters; it is kept for the paper's form."""
+    loss: Literal["l2", "l1"] = "l2"
+    start_step: int = 0
+    """Radiance first: the feature loss starts at this step (0: joint training from the start)."""
+    teacher_dim: int = 0
+    """Filled in from the teacher when a run is created."""
+
+
+@dataclass
 class TrainConfig:
     data: Annotated[DataConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=DataConfig)
     model: Literal["grid", "nerf"] = "grid"
     """grid: factorised TensoRF-style field (fast on a CPU); nerf: the original PE-MLP NeRF (reference)."""
     grid: GridModelConfig = field(default_factory=GridModelConfig)
     nerf: NeRFModelConfig = field(default_factory=NeRFModelConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
     iterations: int = 3000
     batch_rays: int = 2048
     lr_final_ratio: float = 0.1

@@ -66,6 +66,10 @@ def format_summary(results: dict) -> str:
     if results.get("peak_rss_bytes"):
         lines.append(f"peak memory      {results['peak_rss_bytes'] / 2**30:.2f} GiB (training process)")
     lines.append(f"render           {results['render_seconds_per_view']:.2f} s/view")
+    seg = results.get("segmentation")
+    if seg:
+        lines.append(f"3D segmentation  mIoU {seg['field_miou']:.3f} (teacher 2D {seg['teacher_miou']:.3f}), "
+                     f"accuracy {seg['field_accuracy']:.3f} (teacher {seg['teacher_accuracy']:.3f})")
     return "\n".join(lines)
 
 
@@ -83,5 +87,12 @@ def evaluate_run(run_dir, split: str = "test", device: str = "cpu", every: int |
     res = evaluate_views(run.model, data, device, with_lpips=with_lpips, save_dir=save_dir)
     res.update({"split": split, "step": run.step, "train_seconds": run.meta.get("seconds"),
                 "peak_rss_bytes": run.meta.get("peak_rss_bytes"), "model": run.cfg.model})
+    if run.cfg.features.teacher and data.object_ids is not None:
+        from dfield.evaluate_features import segmentation_eval
+        from dfield.teachers import make_teacher
+
+        teacher = make_teacher(run.cfg.features.teacher)
+        if hasattr(teacher, "object_embeddings"):
+            res["segmentation"] = segmentation_eval(run.model, data, teacher, device)
     write_eval(run_dir, res)
     return res

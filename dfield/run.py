@@ -69,9 +69,14 @@ class SceneInfo:
 def build_model(cfg: TrainConfig, scene: SceneInfo) -> Model:
     aabb = torch.tensor(scene.aabb, dtype=torch.float32)
     if cfg.model == "grid":
+        import dataclasses
+
         from dfield.models.grid import GridModel
 
-        return GridModel(aabb, scene.near, scene.far, scene.background, cfg.grid)
+        grid = cfg.grid
+        if cfg.features.teacher:
+            grid = dataclasses.replace(grid, field=dataclasses.replace(grid.field, feature_dim=cfg.features.dim))
+        return GridModel(aabb, scene.near, scene.far, scene.background, grid, teacher_dim=cfg.features.teacher_dim)
     if cfg.model == "nerf":
         from dfield.models.nerf import NeRFModel
 

@@ -45,6 +45,12 @@ class Trainer:
         self.seconds = 0.0  # training time, excluding paused spans (evaluation by hooks)
         self.optimizer = self._make_optimizer()
         self.last = {}
+        self.teacher_maps = None
+        if cfg.features.teacher:
+            from dfield.teachers import cached_features, make_teacher
+
+            teacher = make_teacher(cfg.features.teacher)
+            self.teacher_maps = cached_features(teacher, data, feature_cache_dir())
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -52,6 +58,10 @@ class Trainer:
         """Validate the data before touching `run_dir`, so bad input never leaves a half-made run."""
         run_dir = Path(run_dir)
         data = load_train_data(cfg)
+        if cfg.features.teacher:
+            from dfield.teachers import make_teacher
+
+            cfg.features.teacher_dim = make_teacher(cfg.features.teacher).dim
         if (run_dir / "config.json").exists() and not overwrite:
             raise RunError(f"{run_dir} already holds a run; use --resume to continue it or --overwrite to start over")
         if overwrite and run_dir.exists():
@@ -137,11 +147,22 @@ class Trainer:
             if getattr(self.model, "shrunk", False):
                 self._restrict_rays_to_box()
         self._set_lr()
-        rays, target, _ = self.batcher.sample()
+        rays, target, ids = self.batcher.sample()
         rays, target = rays.to(self.device), target.to(self.device)
-        out = self.model.render_rays(rays, self.jitter)
+        fcfg = self.cfg.features
+        with_features = self.teacher_maps is not None and self.step >= fcfg.start_step
+        out = self.model.render_rays(rays, self.jitter, features=True) if with_features else self.model.render_rays(rays, self.jitter)
         mse = ((out["rgb"] - target) ** 2).mean()
         loss = mse
+        feat_loss = None
+        if with_features:
+            hw = self.data.height * self.data.width
+            cam, pix = ids // hw, ids % hw
+            u, v = (pix % self.data.width).float() + 0.5, (pix // self.data.width).float() + 0.5
+            goal = self.teacher_maps.sample(cam, u, v).to(self.device)
+            diff = self.model.decode(out["feature"]) - goal
+            feat_loss = (diff.abs() if fcfg.loss == "l1" else diff**2).mean()
+            loss = loss + fcfg.weight * feat_loss
         if "rgb_coarse" in out:
             loss = loss + ((out["rgb_coarse"] - target) ** 2).mean()
         reg = self.model.regularizer(self.step)
@@ -156,7 +177,10 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         self.step += 1
-        return {"loss": loss.item(), "mse": mse.item()}
+        stats = {"loss": loss.item(), "mse": mse.item()}
+        if feat_loss is not None:
+            stats["feature_loss"] = feat_loss.item()
+        return stats
 
     def train(self, hooks: list[Callable[["Trainer"], None]] = (), progress: bool = True) -> None:
         from dfield.progress import TrainProgress
@@ -177,6 +201,8 @@ class Trainer:
                     if self.step % cfg.log_every == 0 or self.step == cfg.iterations:
                         self.last = {"step": self.step, "loss": stats["loss"], "psnr": psnr_from_mse(stats["mse"]),
                                      "rays_per_s": rays_done / max(self.seconds - sec_window, 1e-9), "seconds": round(self.seconds, 2)}
+                        if "feature_loss" in stats:
+                            self.last["feature_loss"] = stats["feature_loss"]
                         log.write(json.dumps(self.last) + "\n")
                         log.flush()
                         rays_done, sec_window = 0, self.seconds
@@ -189,6 +215,13 @@ class Trainer:
                 self.save()  # stopped by the time budget: keep what was learned
         finally:
             log.close()
+
+
+def feature_cache_dir() -> Path:
+    """Teacher features are cached per dataset content, so one shared folder serves every run."""
+    import os
+
+    return Path(os.environ.get("DFIELD_CACHE", Path.home() / ".cache" / "dfield")) / "features"
 
 
 def load_train_data(cfg: TrainConfig) -> Dataset:

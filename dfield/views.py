@@ -11,10 +11,10 @@ from dfield.rays import camera_image_rays
 
 @torch.no_grad()
 def render_camera(model: Model, cameras: Cameras, i: int, ndc: tuple[float, int, int] | None = None,
-                  chunk: int = 8192, device="cpu") -> dict[str, torch.Tensor]:
-    """Render camera `i`; returns rgb (H,W,3), depth (H,W), acc (H,W) on the CPU."""
+                  chunk: int = 8192, device="cpu", features: bool = False) -> dict[str, torch.Tensor]:
+    """Render camera `i`; returns rgb (H,W,3), depth (H,W), acc (H,W) (and feature (H,W,C)) on the CPU."""
     rays = camera_image_rays(cameras, i, ndc).to(device)
-    out = model.render_chunked(rays, chunk)
+    out = model.render_chunked(rays, chunk, features=True) if features else model.render_chunked(rays, chunk)
     h, w = cameras.height, cameras.width
     return {k: v.reshape(h, w, *v.shape[1:]).cpu() for k, v in out.items() if v.shape[0] == h * w}
 

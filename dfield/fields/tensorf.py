@@ -30,6 +30,10 @@ class TensoRFConfig:
     density_shift: float = -10.0
     density_scale: float = 25.0
     init_scale: float = 0.1
+    feature_dim: int = 0
+    """Width of the distilled feature field (0: none). A linear decoder maps it to the teacher's width."""
+    feature_comp: int = 16
+    """VM components per plane of the feature volume."""
 
 
 class TensoRFField(nn.Module):
@@ -47,6 +51,12 @@ class TensoRFField(nn.Module):
             nn.Linear(cfg.hidden, 3),
         )
         nn.init.constant_(self.mlp[-1].bias, 0.0)
+        if cfg.feature_dim > 0:
+            # Its own volume: features must not share capacity (or gradients) with colour and density.
+            self.feature_vol = VMVolume(cfg.feature_comp, res, cfg.init_scale)
+            self.feature_basis = nn.Linear(3 * cfg.feature_comp, cfg.feature_dim, bias=False)
+        else:
+            self.feature_vol = None
 
     @property
     def res(self) -> tuple[int, int, int]:
@@ -67,11 +77,19 @@ class TensoRFField(nn.Module):
         h = torch.cat([f, positional_encoding(f, self.cfg.feat_freqs, False), positional_encoding(d, self.cfg.view_freqs)], -1)
         return torch.sigmoid(self.mlp(h))
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Low-dimensional distilled features (N, feature_dim) at world points."""
+        return self.feature_basis(self.feature_vol(self.normalize(x)))
+
+    def volumes(self) -> list[VMVolume]:
+        return [v for v in (self.density_vol, self.app_vol, self.feature_vol) if v is not None]
+
     def grid_parameters(self) -> list[nn.Parameter]:
-        return [self.density_vol.planes, self.density_vol.lines, self.app_vol.planes, self.app_vol.lines]
+        return [p for v in self.volumes() for p in (v.planes, v.lines)]
 
     def network_parameters(self) -> list[nn.Parameter]:
-        return list(self.basis.parameters()) + list(self.mlp.parameters())
+        extra = list(self.feature_basis.parameters()) if self.feature_vol is not None else []
+        return list(self.basis.parameters()) + list(self.mlp.parameters()) + extra
 
     @torch.no_grad()
     def resize(self, res, aabb: torch.Tensor | None = None) -> None:
@@ -80,7 +98,7 @@ class TensoRFField(nn.Module):
             lo, hi = torch.zeros(3), torch.ones(3)
         else:
             lo, hi = self.normalize(aabb[0]).cpu(), self.normalize(aabb[1]).cpu()
-        for vol in (self.density_vol, self.app_vol):
+        for vol in self.volumes():
             vol.crop(lo, hi, res)
         if aabb is not None:
             self.aabb.copy_(aabb)

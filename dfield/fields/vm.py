@@ -114,6 +114,16 @@ class VMVolume(nn.Module):
         lines = [self.lines[lo[k] : lo[k + 1]].permute(1, 0) for k in range(3)]
         return planes + lines
 
+    def total_variation(self) -> torch.Tensor:
+        """Mean squared difference of neighbouring plane and line cells: smooths sparse-view fits."""
+        tv = 0.0
+        for g in self.plane_grids():
+            if g.dim() == 3:
+                tv = tv + (g[:, 1:] - g[:, :-1]).square().mean() + (g[:, :, 1:] - g[:, :, :-1]).square().mean()
+            else:
+                tv = tv + (g[:, 1:] - g[:, :-1]).square().mean()
+        return tv
+
     @torch.no_grad()
     def resample(self, res) -> None:
         """Change resolution, keeping the same region (coarse-to-fine training)."""

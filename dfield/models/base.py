@@ -37,7 +37,7 @@ class Model(nn.Module):
         pass
 
     @torch.no_grad()
-    def render_chunked(self, rays: Rays, chunk: int = 8192) -> dict[str, torch.Tensor]:
+    def render_chunked(self, rays: Rays, chunk: int = 8192, **kwargs) -> dict[str, torch.Tensor]:
         """Render any number of rays in chunks so a full image never needs all its samples in memory."""
-        outs = [self.render_rays(rays[i : i + chunk]) for i in range(0, len(rays), chunk)]
+        outs = [self.render_rays(rays[i : i + chunk], **kwargs) for i in range(0, len(rays), chunk)]
         return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}

@@ -44,6 +44,10 @@ class GridModelConfig:
     lr_network: float = 1e-3
     l1_weight_init: float = 8e-5
     l1_weight_rest: float = 4e-5
+    tv_density: float = 0.0
+    """Total-variation weight on the density volume (forward-facing scenes with few views: ~1.0)."""
+    tv_app: float = 0.0
+    """Total-variation weight on the appearance volume (forward-facing scenes: ~1.0)."""
     max_samples: int = 1024
 
 
@@ -55,12 +59,17 @@ def voxel_res(aabb: torch.Tensor, n_voxels: int) -> tuple[int, int, int]:
 
 
 class GridModel(Model):
-    def __init__(self, aabb: torch.Tensor, near: float, far: float, background, cfg: GridModelConfig = GridModelConfig()):
+    def __init__(self, aabb: torch.Tensor, near: float, far: float, background, cfg: GridModelConfig = GridModelConfig(),
+                 teacher_dim: int = 0):
         super().__init__()
         self.cfg = cfg
         self.near, self.far = float(near), float(far)
         self.register_buffer("background", torch.as_tensor(background, dtype=torch.float32))
         self.field = TensoRFField(aabb, voxel_res(aabb, cfg.voxels_init), cfg.field)
+        # Low-dim rendered features -> teacher space, applied after compositing (once per ray, not per sample).
+        self.decoder = torch.nn.Linear(cfg.field.feature_dim, teacher_dim) if cfg.field.feature_dim and teacher_dim else None
+        # Features can also come from elsewhere (one-pass lifting): a function of points already in teacher space.
+        self.feature_source = None
         self.occupancy: OccupancyGrid | None = None
         self.shrunk = False
         self._update_step_size()
@@ -109,7 +118,7 @@ class GridModel(Model):
         return frac
 
     # -- rendering ------------------------------------------------------------------------------
-    def render_rays(self, rays: Rays, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def render_rays(self, rays: Rays, generator: torch.Generator | None = None, features: bool = False) -> dict[str, torch.Tensor]:
         s = march(rays, self.field.aabb, self.near, self.far, self.step, self.occupancy, generator, self.cfg.max_samples)
         sigma = scatter_samples(s.mask, self.field.density(s.positions))
         weights, _ = weights_from_density(sigma, s.dt)
@@ -120,22 +129,39 @@ class GridModel(Model):
         rgb_s = self.field.color(s.positions[heavy], rays.directions[s.ray_index[heavy]])
         rgb = composite(weights, scatter_samples(color_mask, rgb_s))
         acc = weights.sum(-1)
-        return {
+        out = {
             "rgb": rgb + (1.0 - acc)[:, None] * self.background,
             "depth": (weights * s.t).sum(-1),
             "acc": acc,
         }
+        source = self.feature_source or (self.field.features if self.field.feature_vol is not None else None)
+        if features and source is not None:
+            # Stop-gradient on the weights: the feature loss shapes features, never density (as in DFF).
+            f_s = source(s.positions[heavy])
+            out["feature"] = composite(weights.detach(), scatter_samples(color_mask, f_s))
+        return out
+
+    def decode(self, rendered: torch.Tensor) -> torch.Tensor:
+        """Rendered features -> teacher space."""
+        return rendered if self.feature_source is not None else self.decoder(rendered)
 
     # -- training -------------------------------------------------------------------------------
     def param_groups(self, lr_scale: float = 1.0) -> list[dict]:
         return [
             {"params": self.field.grid_parameters(), "lr": self.cfg.lr_grid * lr_scale, "name": "grid"},
-            {"params": self.field.network_parameters(), "lr": self.cfg.lr_network * lr_scale, "name": "network"},
+            {"params": self.field.network_parameters() + (list(self.decoder.parameters()) if self.decoder else []),
+             "lr": self.cfg.lr_network * lr_scale, "name": "network"},
         ]
 
     def regularizer(self, step: int) -> torch.Tensor | None:
-        w = self.cfg.l1_weight_init if not self.shrunk else self.cfg.l1_weight_rest
-        return w * self.field.l1_density() if w > 0 else None
+        c = self.cfg
+        w = c.l1_weight_init if not self.shrunk else c.l1_weight_rest
+        terms = [w * self.field.l1_density()] if w > 0 else []
+        if c.tv_density > 0:
+            terms.append(c.tv_density * self.field.density_vol.total_variation())
+        if c.tv_app > 0:
+            terms.append(c.tv_app * self.field.app_vol.total_variation())
+        return sum(terms) if terms else None
 
     def structure(self) -> dict:
         return {"res": list(self.field.res), "aabb": self.field.aabb.tolist(), "shrunk": self.shrunk, "has_occupancy": self.occupancy is not None}
@@ -143,7 +169,7 @@ class GridModel(Model):
     def restructure(self, info: dict) -> None:
         aabb = torch.tensor(info["aabb"], dtype=torch.float32, device=self.field.aabb.device)
         self.field.aabb.copy_(aabb)
-        for vol in (self.field.density_vol, self.field.app_vol):
+        for vol in self.field.volumes():
             vol.crop(torch.zeros(3), torch.ones(3), tuple(info["res"]))
         self.shrunk = info["shrunk"]
         self._update_step_size()
