@@ -219,9 +219,9 @@ class Trainer:
 
 def feature_cache_dir() -> Path:
     """Teacher features are cached per dataset content, so one shared folder serves every run."""
-    import os
+    from dfield.teachers import default_cache_dir
 
-    return Path(os.environ.get("DFIELD_CACHE", Path.home() / ".cache" / "dfield")) / "features"
+    return default_cache_dir() / "features"
 
 
 def load_train_data(cfg: TrainConfig) -> Dataset:

@@ -128,3 +128,14 @@ def test_lifting_and_distillation_on_a_trained_field(trained, tiny_scene):
     for k, v in frozen.items():
         if not k.startswith(("field.feature", "decoder")):
             assert torch.equal(after[k], v), k
+
+
+def test_teacher_spec_settings():
+    from dfield.teachers import TeacherError, make_teacher
+
+    t = make_teacher("synthetic:noise=0.8,dim=16")
+    assert t.dim == 16 and "noise=0.8" in t.name
+    with pytest.raises(TeacherError, match="bogus"):
+        make_teacher("synthetic:bogus=1")
+    with pytest.raises(TeacherError, match="unknown teacher"):
+        make_teacher("nope")

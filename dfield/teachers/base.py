@@ -100,13 +100,36 @@ def teacher_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _parse_value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
 def make_teacher(spec: str, **kw) -> Teacher:
-    """Build a teacher from a spec: "synthetic", "dinov2", "clip", "files:<folder>" or a registered name."""
+    """Build a teacher from a spec: "synthetic", "dinov2", "clip", "files:<folder>" or a registered name.
+
+    Settings ride along as "name:key=value,key=value" (e.g. "dinov2:block=7,input_size=518",
+    "synthetic:noise=0.8"); an argument without "=" is passed positionally ("files:feats/", "clip:PATH").
+    """
     name, sep, arg = str(spec).partition(":")
     factory = _REGISTRY.get(name)
     if factory is None:
         raise TeacherError(f"unknown teacher {spec!r}; known: {', '.join(teacher_names())} "
                            "(add one with dfield.teachers.register_teacher)")
+    if sep and "=" in arg:
+        for item in arg.split(","):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise TeacherError(f"teacher settings must be key=value pairs, got {item!r} in {spec!r}")
+            kw[key.strip()] = _parse_value(value.strip())
+        try:
+            return factory(**kw)
+        except TypeError as e:
+            raise TeacherError(f"bad settings for teacher {name!r} in {spec!r}: {e}") from None
     return factory(arg, **kw) if sep else factory(**kw)
 
 
