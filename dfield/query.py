@@ -1,0 +1,76 @@
+"""Queries: from a text, an image patch or a click to a query embedding, and from embeddings to a selection.
+
+As in the DFF paper, each feature x gets p(query | x) = softmax over its dot products with every query
+of a set (positives and negatives/background) at a temperature, and the probability of the positives is
+the soft selection; a cosine threshold on one positive is the simple alternative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+class QueryError(ValueError):
+    pass
+
+
+@dataclass
+class QuerySet:
+    positives: torch.Tensor  # (P, D)
+    negatives: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))  # (Q, D)
+    temperature: float = 0.1
+    normalize: bool = True
+
+    def __post_init__(self):
+        self.positives = torch.as_tensor(self.positives, dtype=torch.float32).reshape(-1, self.positives.shape[-1])
+        if len(self.positives) == 0:
+            raise QueryError("a query set needs at least one positive query")
+        if self.negatives.numel() == 0:
+            self.negatives = self.positives.new_zeros(0, self.positives.shape[1])
+        if self.negatives.shape[1] != self.positives.shape[1]:
+            raise QueryError(f"negatives have {self.negatives.shape[1]} dims, positives {self.positives.shape[1]}")
+        if self.temperature <= 0:
+            raise QueryError(f"temperature must be > 0, got {self.temperature}")
+
+    def probability(self, features: torch.Tensor) -> torch.Tensor:
+        """(..., D) features -> (...) probability that each matches one of the positives."""
+        q = torch.cat([self.positives, self.negatives]).to(features)
+        f = features
+        if self.normalize:
+            f, q = F.normalize(f, dim=-1), F.normalize(q, dim=-1)
+        p = torch.softmax(f @ q.T / self.temperature, dim=-1)
+        return p[..., : len(self.positives)].sum(-1)
+
+
+def cosine_selection(features: torch.Tensor, query: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Hard selection: cosine similarity to `query` (D,) at least `threshold`."""
+    sim = F.normalize(features, dim=-1) @ F.normalize(query.to(features), dim=0)
+    return sim >= threshold
+
+
+def patch_embedding(feature_map: torch.Tensor, box: tuple[float, float, float, float], image_size: tuple[int, int]) -> torch.Tensor:
+    """Mean feature inside a box (x0, y0, x1, y1) given in image pixels; the map may be coarser than the image.
+
+    A box that falls between feature cells still takes the cell it lies in, so tiny boxes work.
+    """
+    h, w = feature_map.shape[:2]
+    width, height = image_size
+    x0, y0, x1, y1 = box
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise QueryError(f"box {box} is not inside the {width}x{height} image (x0 < x1, y0 < y1 needed)")
+    c0, c1 = int(x0 * w / width), max(int(x0 * w / width) + 1, round(x1 * w / width))
+    r0, r1 = int(y0 * h / height), max(int(y0 * h / height) + 1, round(y1 * h / height))
+    return feature_map[r0:r1, c0:c1].reshape(-1, feature_map.shape[-1]).float().mean(0)
+
+
+def click_embedding(feature_map: torch.Tensor, xy: tuple[float, float], image_size: tuple[int, int]) -> torch.Tensor:
+    """The feature under a click (x, y) in image pixels."""
+    width, height = image_size
+    x, y = xy
+    if not (0 <= x < width and 0 <= y < height):
+        raise QueryError(f"click ({x}, {y}) is outside the {width}x{height} image")
+    h, w = feature_map.shape[:2]
+    return feature_map[int(y * h / height), int(x * w / width)].float()
