@@ -173,7 +173,8 @@ def print_table(args, results: dict, comp: list[dict]) -> None:
         ps += ["-"] * (len(args.marks) - len(ps))
         ssim = f"{r['marks'][-1]['ssim']:.4f}" if r["marks"] else "-"
         rows.append([f"dfield {name}", str(r["n_test_views"]), *ps, ssim, str(r["iterations"]), f"{r['rays_per_s']:.0f}", fmt_mem(r["peak_rss_bytes"])])
-    if args.marks == REFERENCES["marks_s"]:
+    same_protocol = args.marks == REFERENCES["marks_s"] and "blender_lego" in str(args.data) and args.downscale == 4
+    if same_protocol:
         for name, ref in REFERENCES.items():
             if name != "marks_s":
                 rows.append([f"ref: {name}", "25", *[f"{p:.2f}" for p in ref["psnr"]], "-", str(ref["iterations"]), "-", f"{ref['peak_rss_gib']:.1f} GiB"])
@@ -187,8 +188,8 @@ def print_table(args, results: dict, comp: list[dict]) -> None:
     print("* the run ended before this mark; the final model was evaluated.")
     if "nerf" in results:
         print(f"NeRF PSNR is the mean over {results['nerf']['n_test_views']} evenly spaced views of the test subset (rendering is slow).")
-    if args.marks != REFERENCES["marks_s"]:
-        print("reference figures (../shared/PEERS.md, marks 150/300/600 s) not shown: marks differ")
+    if not same_protocol:
+        print("reference figures (../shared/PEERS.md: lego 100x100, marks 150/300/600 s) not shown: another protocol")
     for c in comp:
         print(f"grid vs NeRF @{c['mark_s']:g} s, on NeRF's views: {c['psnr_diff_db']:+.2f} dB (NeRF MSE {c['mse_ratio_nerf_over_grid']:.1f}x grid's), "
               f"{c['step_ratio']:.1f}x the steps")
