@@ -23,6 +23,8 @@ class DataConfig:
     background: Literal["white", "black"] = "white"
     """Colour transparent pixels are composited onto, and the colour rendered where rays see nothing."""
     llff_mode: Literal["ndc", "contract"] = "ndc"
+    """LLFF scenes: ndc (forward-facing, normalised device coordinates) or contract (world space inside a
+    bounded box around the scene; an unbounded scene contraction is not implemented yet)."""
     holdout_every: int = 8
     """For formats without explicit splits: every Nth image is held out for testing."""
     test_every: int = 1
