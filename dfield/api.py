@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from rich.console import Console
 
 from dfield.config import TrainConfig, load_config
@@ -35,7 +34,7 @@ def resume(run: Path, iterations: int | None = None, evaluate: bool = True, prog
     return _fit(Trainer.resume(run, iterations=iterations), evaluate, progress)
 
 
-def _fit(trainer: Trainer, evaluate: bool, progress: bool) -> Path:
+def _fit(trainer: Trainer, run_eval: bool, progress: bool) -> Path:
     cfg = trainer.cfg
     if trainer.step > 0:
         console.print(f"resuming {trainer.run_dir} at step {trainer.step} ({trainer.seconds:.0f} s trained)")
@@ -43,8 +42,8 @@ def _fit(trainer: Trainer, evaluate: bool, progress: bool) -> Path:
                   f"({cfg.data.path}) -> {trainer.run_dir}")
     trainer.train(progress=progress)
     console.print(f"trained {trainer.step} steps in {trainer.seconds:.1f} s; last batch PSNR {trainer.last.get('psnr', float('nan')):.2f} dB")
-    if evaluate:
-        globals()["evaluate"](trainer.run_dir, device=cfg.device)
+    if run_eval:
+        evaluate(trainer.run_dir, device=cfg.device)
     return trainer.run_dir
 
 
@@ -140,7 +139,3 @@ def demo_config(scene_dir: Path) -> TrainConfig:
     cfg.data.path = Path(scene_dir)
     return cfg
 
-
-def set_threads(n: int) -> None:
-    if n > 0:
-        torch.set_num_threads(n)

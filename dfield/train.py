@@ -32,7 +32,7 @@ def psnr_from_mse(mse: float) -> float:
 class Trainer:
     """Trains one run folder. Create with `Trainer.create` (new run) or `Trainer.resume` (existing run)."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, data: Dataset, scene: SceneInfo):
+    def __init__(self, cfg: TrainConfig, run_dir: Path, data: Dataset, scene: SceneInfo, teacher=None):
         self.cfg, self.run_dir, self.data, self.scene = cfg, Path(run_dir), data, scene
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
@@ -49,7 +49,7 @@ class Trainer:
         if cfg.features.teacher:
             from dfield.teachers import cached_features, make_teacher
 
-            teacher = make_teacher(cfg.features.teacher)
+            teacher = teacher or make_teacher(cfg.features.teacher)
             self.teacher_maps = cached_features(teacher, data, feature_cache_dir())
 
     # -- construction -------------------------------------------------------------------------
@@ -58,10 +58,12 @@ class Trainer:
         """Validate the data before touching `run_dir`, so bad input never leaves a half-made run."""
         run_dir = Path(run_dir)
         data = load_train_data(cfg)
-        if cfg.features.teacher:
+        teacher = None
+        if cfg.features.teacher:  # built once here: its width goes into the saved config
             from dfield.teachers import make_teacher
 
-            cfg.features.teacher_dim = make_teacher(cfg.features.teacher).dim
+            teacher = make_teacher(cfg.features.teacher)
+            cfg.features.teacher_dim = teacher.dim
         if (run_dir / "config.json").exists() and not overwrite:
             raise RunError(f"{run_dir} already holds a run; use --resume to continue it or --overwrite to start over")
         if overwrite and run_dir.exists():
@@ -72,7 +74,7 @@ class Trainer:
         scene = SceneInfo.from_dataset(data)
         save_config(cfg, run_dir / "config.json")
         scene.save(run_dir / "scene.json")
-        return cls(cfg, run_dir, data, scene)
+        return cls(cfg, run_dir, data, scene, teacher)
 
     @classmethod
     def resume(cls, run_dir: Path, iterations: int | None = None, max_seconds: float | None = None) -> "Trainer":
@@ -151,7 +153,7 @@ class Trainer:
         rays, target = rays.to(self.device), target.to(self.device)
         fcfg = self.cfg.features
         with_features = self.teacher_maps is not None and self.step >= fcfg.start_step
-        out = self.model.render_rays(rays, self.jitter, features=True) if with_features else self.model.render_rays(rays, self.jitter)
+        out = self.model.render_rays(rays, self.jitter, features=with_features)
         mse = ((out["rgb"] - target) ** 2).mean()
         loss = mse
         feat_loss = None

@@ -14,7 +14,7 @@ def render_camera(model: Model, cameras: Cameras, i: int, ndc: tuple[float, int,
                   chunk: int = 8192, device="cpu", features: bool = False) -> dict[str, torch.Tensor]:
     """Render camera `i`; returns rgb (H,W,3), depth (H,W), acc (H,W) (and feature (H,W,C)) on the CPU."""
     rays = camera_image_rays(cameras, i, ndc).to(device)
-    out = model.render_chunked(rays, chunk, features=True) if features else model.render_chunked(rays, chunk)
+    out = model.render_chunked(rays, chunk, features=features)
     h, w = cameras.height, cameras.width
     return {k: v.reshape(h, w, *v.shape[1:]).cpu() for k, v in out.items() if v.shape[0] == h * w}
 

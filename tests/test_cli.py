@@ -207,7 +207,7 @@ def test_divergence_is_a_one_line_error(cli_run, tmp_path, capsys, monkeypatch):
 
     render = GridModel.render_rays
 
-    def nan_render(self, rays, generator=None):
+    def nan_render(self, rays, generator=None, features=False):
         out = render(self, rays, generator)
         return {**out, "rgb": out["rgb"] * float("nan")}
 

@@ -218,7 +218,7 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(run_copy):
     before = _snapshot(ckpts)
     render = trainer.model.render_rays
 
-    def poisoned(rays, generator=None):
+    def poisoned(rays, generator=None, features=False):
         out = render(rays, generator)
         if trainer.step == 44:
             out = {**out, "rgb": out["rgb"] * float("nan")}

@@ -80,11 +80,19 @@ class _Reader:
 
 
 def _text_lines(path: Path):
-    """(line number, stripped line) for every line of a COLMAP text file, comments included."""
+    """(line number, line) for every line of a COLMAP text file, blank lines and comments included."""
     try:
         return list(enumerate(path.read_text().splitlines(), 1))
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
+
+
+def _records(path: Path):
+    """(line number, fields) of each data line: blank lines and comments skipped."""
+    for no, line in _text_lines(path):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            yield no, line.split()
 
 
 def read_cameras(path: Path) -> dict[int, ColmapCamera]:
@@ -98,11 +106,7 @@ def read_cameras(path: Path) -> dict[int, ColmapCamera]:
             name, n = CAMERA_MODELS[model_id]
             cams[cam_id] = ColmapCamera(name, w, h, np.array(r.read("d" * n)))
         return cams
-    for no, line in _text_lines(path):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split()
+    for no, parts in _records(path):
         try:
             cam_id, model, w, h = int(parts[0]), parts[1], int(parts[2]), int(parts[3])
             params = np.array([float(p) for p in parts[4:]])
@@ -159,11 +163,7 @@ def read_points(path: Path) -> dict[int, np.ndarray]:
             r.skip(8 * r.read("Q")[0])  # track of (image_id, point2D_idx) int32 pairs
             points[point_id] = np.array([x, y, z])
         return points
-    for no, line in _text_lines(path):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split()
+    for no, parts in _records(path):
         try:
             points[int(parts[0])] = np.array([float(p) for p in parts[1:4]])
         except (IndexError, ValueError):

@@ -16,7 +16,8 @@ class Model(nn.Module):
 
     background: torch.Tensor
 
-    def render_rays(self, rays: Rays, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def render_rays(self, rays: Rays, generator: torch.Generator | None = None, features: bool = False) -> dict[str, torch.Tensor]:
+        """`features=True` also returns `feature` (R, C) where the model has a feature field."""
         raise NotImplementedError
 
     def param_groups(self, lr_scale: float = 1.0) -> list[dict]:

@@ -90,8 +90,9 @@ class GridModel(Model):
         c = self.cfg
         every = c.occupancy_every if step < c.occupancy_slow_after else c.occupancy_every_late
         if step >= c.occupancy_start and (step - c.occupancy_start) % every == 0 or step == c.shrink_step:
-            self.update_occupancy(shrink=step >= c.shrink_step and not self.shrunk)
-            changed = self.shrunk_now
+            shrink = step >= c.shrink_step and not self.shrunk
+            self.update_occupancy(shrink=shrink)
+            changed = shrink  # a shrink resamples the volumes: new parameters
         if step in self.cfg.upsample_steps:
             n = self.cfg.upsample_steps.index(step) + 1
             self.field.resize(voxel_res(self.field.aabb, self._res_at(n)))
@@ -104,7 +105,6 @@ class GridModel(Model):
         res = tuple(min(r, self.cfg.occupancy_max_res) for r in self.field.res)
         grid = OccupancyGrid(self.field.aabb, max(res))
         frac = grid.update(self.field.density, self.step, self.cfg.occupancy_threshold)
-        self.shrunk_now = False
         if shrink:
             box = grid.occupied_aabb()
             # Keep a margin of two cells so surfaces near the edge are not clipped.
@@ -113,7 +113,7 @@ class GridModel(Model):
             vox = int(torch.tensor(self.field.res).prod())
             self.field.resize(voxel_res(box, vox), box)
             self._update_step_size()
-            self.shrunk = self.shrunk_now = True
+            self.shrunk = True
         self.occupancy = grid
         return frac
 
