@@ -7,7 +7,12 @@ compositing maths stays simple dense tensor code.
 
 from __future__ import annotations
 
+from typing import Callable, Protocol
+
 import torch
+
+from dfield.rays import Rays
+from dfield.sampling import march
 
 
 def weights_from_density(sigma: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,4 +36,48 @@ def scatter_samples(mask: torch.Tensor, values: torch.Tensor, fill: float = 0.0)
     """Put per-valid-sample values (M, ...) back into the padded (R, S, ...) layout."""
     out = values.new_full(mask.shape + values.shape[1:], fill)
     out[mask] = values
+    return out
+
+
+class Field(Protocol):
+    """What the renderer needs from a field: a box, optional empty-space marks, and functions of points.
+
+    Trained models, edit wrappers and composites all present this, so there is one renderer for all.
+    `occupancy` is anything with `query(points) -> bool` (or None: everything may be occupied);
+    `features` is None for a field without features.
+    """
+
+    aabb: torch.Tensor
+    occupancy: object | None
+    features: Callable[[torch.Tensor], torch.Tensor] | None
+
+    def density(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def color(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor: ...
+
+
+def render_field(field: Field, rays: Rays, near: float, far: float, step: float, background: torch.Tensor,
+                 generator: torch.Generator | None = None, features: bool = False, weight_threshold: float = 1e-4,
+                 max_samples: int = 1024, channels: dict[str, Callable] | None = None) -> dict[str, torch.Tensor]:
+    """March `rays` through `field` and composite colour (and features, and any extra per-point `channels`).
+
+    Only samples that visibly contribute (weight > `weight_threshold`) pay for colour and features.
+    """
+    s = march(rays, field.aabb, near, far, step, field.occupancy, generator, max_samples)
+    sigma = scatter_samples(s.mask, field.density(s.positions))
+    weights, _ = weights_from_density(sigma, s.dt)
+    heavy = weights[s.mask] > weight_threshold
+    color_mask = s.mask.clone()
+    color_mask[s.mask] = heavy
+    pos = s.positions[heavy]
+    rgb = composite(weights, scatter_samples(color_mask, field.color(pos, rays.directions[s.ray_index[heavy]])))
+    acc = weights.sum(-1)
+    out = {"rgb": rgb + (1.0 - acc)[:, None] * background, "depth": (weights * s.t).sum(-1), "acc": acc}
+    if features and field.features is not None:
+        # Stop-gradient on the weights: the feature loss shapes features, never density (as in DFF).
+        out["feature"] = composite(weights.detach(), scatter_samples(color_mask, field.features(pos)))
+    for name, fn in (channels or {}).items():
+        v = fn(pos).float()
+        v = v[:, None] if v.dim() == 1 else v
+        out[name] = composite(weights.detach(), scatter_samples(color_mask, v)).squeeze(-1)
     return out

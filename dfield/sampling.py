@@ -104,21 +104,28 @@ def march(
     jitter: torch.Generator | None = None,
     max_samples: int = 1024,
 ) -> RaySamples:
-    """Uniform steps of length `step` through the box, one jitter offset per ray when training."""
+    """Uniform steps of length `step` through the box, one jitter offset per ray when training.
+
+    Samples sit at t = near + (k + offset) * step for whole k, anchored at the near plane rather than at
+    the box entry: a larger box (an edit that moves or adds content) then evaluates the field at exactly
+    the same points along every ray, so renders outside the edit stay as they were.
+    """
     t_in, t_out = ray_aabb(rays, aabb)
     t_in = t_in.clamp(min=near)
     t_out = t_out.clamp(max=far)
     hit = t_out > t_in
-    span = torch.where(hit, t_out - t_in, torch.zeros_like(t_in))
-    n = int(torch.ceil(span.max() / step).item()) if hit.any() else 0
+    k0 = torch.where(hit, torch.floor((t_in - near) / step), torch.zeros_like(t_in))
+    span = torch.where(hit, t_out - (near + k0 * step), torch.zeros_like(t_in))
+    n = int(torch.ceil(span.max() / step).item()) + 1 if hit.any() else 0
     n = max(1, min(n, max_samples))
     device = rays.origins.device
     if jitter is not None:
         offset = torch.rand(len(rays), 1, generator=jitter).to(device)
     else:
         offset = torch.full((len(rays), 1), 0.5, device=device)
-    t = t_in[:, None] + (torch.arange(n, device=device, dtype=torch.float32) + offset) * step
-    mask = hit[:, None] & (t < t_out[:, None])
+    k = k0[:, None] + torch.arange(n, device=device, dtype=torch.float32)
+    t = near + (k + offset) * step
+    mask = hit[:, None] & (t >= t_in[:, None]) & (t < t_out[:, None])
     ray_index = mask.nonzero()[:, 0]
     positions = rays.origins[ray_index] + rays.directions[ray_index] * t[mask][:, None]
     if occupancy is not None and len(positions):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -12,12 +13,12 @@ from typing import Callable
 import torch
 
 from dfield.checkpoint import latest_checkpoint, load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
-from dfield.config import TrainConfig, load_config, save_config
+from dfield.config import TrainConfig, load_config, save_config, to_dict
 from dfield.data import load_dataset
 from dfield.data.dataset import Dataset
 from dfield.metrics import peak_rss_bytes
 from dfield.rays import RayBatcher
-from dfield.run import RunError, SceneInfo, build_model, load_model_state, model_tensors
+from dfield.run import RunError, SceneInfo, build_model, load_model_state, model_tensors, with_checkpoint_features
 from dfield.sampling import ray_aabb
 
 
@@ -46,7 +47,7 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.last = {}
         self.teacher_maps = None
-        if cfg.features.teacher:
+        if cfg.features.teacher and cfg.features.method != "lift":  # lifted features are a fixed grid: nothing to fit
             from dfield.teachers import cached_features, make_teacher
 
             teacher = teacher or make_teacher(cfg.features.teacher)
@@ -57,6 +58,9 @@ class Trainer:
     def create(cls, cfg: TrainConfig, run_dir: Path, overwrite: bool = False) -> "Trainer":
         """Validate the data before touching `run_dir`, so bad input never leaves a half-made run."""
         run_dir = Path(run_dir)
+        # The run folder is read from other working directories later (render, eval, query): keep the data's
+        # absolute path, not the one relative to where training started.
+        cfg.data.path = Path(cfg.data.path).resolve()
         data = load_train_data(cfg)
         teacher = None
         if cfg.features.teacher:  # built once here: its width goes into the saved config
@@ -87,10 +91,16 @@ class Trainer:
         if max_seconds is not None:
             cfg.max_seconds = max_seconds
         data = load_train_data(cfg)
-        if iterations is not None or max_seconds is not None:
-            save_config(cfg, run_dir / "config.json")  # a killed extended run resumes to the new target
-        trainer = cls(cfg, run_dir, data, SceneInfo.load(run_dir / "scene.json"))
         ckpt = latest_checkpoint(run_dir / "checkpoints")
+        saved_features = cfg.features
+        if ckpt is not None:
+            cfg = with_checkpoint_features(cfg, json.loads((ckpt / "meta.json").read_text()))
+        if iterations is not None or max_seconds is not None or cfg.features != saved_features:
+            save_config(cfg, run_dir / "config.json")  # a killed extended run resumes to the new target
+        if cfg.features.method == "lift":
+            print(f"{run_dir}: the lifted features stay as they are; after training, `dfield distill {run_dir} --teacher "
+                  f"{cfg.features.teacher} --method lift` lifts them again from the refined field", file=sys.stderr)
+        trainer = cls(cfg, run_dir, data, SceneInfo.load(run_dir / "scene.json"))
         if ckpt is not None:
             trainer.load(ckpt)
         return trainer
@@ -107,7 +117,8 @@ class Trainer:
         trainer_t = {**opt_t, "rng.batcher": self.batcher.state(), "rng.jitter": self.jitter.get_state(), "rng.torch": torch.get_rng_state()}
         if self.batcher.pool is not None:
             trainer_t["batcher.pool"] = self.batcher.pool
-        meta = {"seconds": self.seconds, "peak_rss_bytes": peak_rss_bytes(), "structure": self.model.structure(), "optimizer_groups": groups, "last": self.last}
+        meta = {"seconds": self.seconds, "peak_rss_bytes": peak_rss_bytes(), "structure": self.model.structure(), "optimizer_groups": groups,
+                "last": self.last, "features": to_dict(self.cfg.features)}
         return save_checkpoint(self.run_dir / "checkpoints", self.step, model_tensors(self.model), trainer_t, meta)
 
     def load(self, ckpt: Path) -> None:

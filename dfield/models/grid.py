@@ -14,8 +14,8 @@ import torch
 from dfield.fields.tensorf import TensoRFConfig, TensoRFField
 from dfield.models.base import Model
 from dfield.rays import Rays
-from dfield.render import composite, scatter_samples, weights_from_density
-from dfield.sampling import OccupancyGrid, march
+from dfield.render import render_field
+from dfield.sampling import OccupancyGrid
 
 
 @dataclass
@@ -118,28 +118,13 @@ class GridModel(Model):
         return frac
 
     # -- rendering ------------------------------------------------------------------------------
+    def as_field(self, decoded: bool = False) -> "GridSceneField":
+        """The renderer's view of this model; `decoded` gives features in the teacher's space (for queries, edits)."""
+        return GridSceneField(self, decoded)
+
     def render_rays(self, rays: Rays, generator: torch.Generator | None = None, features: bool = False) -> dict[str, torch.Tensor]:
-        s = march(rays, self.field.aabb, self.near, self.far, self.step, self.occupancy, generator, self.cfg.max_samples)
-        sigma = scatter_samples(s.mask, self.field.density(s.positions))
-        weights, _ = weights_from_density(sigma, s.dt)
-        # Only samples that visibly contribute pay for the colour branch.
-        heavy = weights[s.mask] > self.cfg.weight_threshold
-        color_mask = s.mask.clone()
-        color_mask[s.mask] = heavy
-        rgb_s = self.field.color(s.positions[heavy], rays.directions[s.ray_index[heavy]])
-        rgb = composite(weights, scatter_samples(color_mask, rgb_s))
-        acc = weights.sum(-1)
-        out = {
-            "rgb": rgb + (1.0 - acc)[:, None] * self.background,
-            "depth": (weights * s.t).sum(-1),
-            "acc": acc,
-        }
-        source = self.feature_source or (self.field.features if self.field.feature_vol is not None else None)
-        if features and source is not None:
-            # Stop-gradient on the weights: the feature loss shapes features, never density (as in DFF).
-            f_s = source(s.positions[heavy])
-            out["feature"] = composite(weights.detach(), scatter_samples(color_mask, f_s))
-        return out
+        return render_field(self.as_field(), rays, self.near, self.far, self.step, self.background, generator, features,
+                            self.cfg.weight_threshold, self.cfg.max_samples)
 
     def decode(self, rendered: torch.Tensor) -> torch.Tensor:
         """Rendered features -> teacher space."""
@@ -175,9 +160,33 @@ class GridModel(Model):
         self._update_step_size()
 
     def extra_state(self) -> dict[str, torch.Tensor]:
-        return {} if self.occupancy is None else {f"occupancy.{k}": v for k, v in self.occupancy.state().items()}
+        out = {} if self.occupancy is None else {f"occupancy.{k}": v for k, v in self.occupancy.state().items()}
+        # Lifted features (dfield distill --method lift) are data, not parameters: saved beside the occupancy grid.
+        if hasattr(self.feature_source, "state"):
+            out.update({f"lifted.{k}": v for k, v in self.feature_source.state().items()})
+        return out
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
         if "occupancy.occupied" in tensors:
             self.occupancy = OccupancyGrid(tensors["occupancy.aabb"], 2)
             self.occupancy.load({"aabb": tensors["occupancy.aabb"], "occupied": tensors["occupancy.occupied"]})
+        if "lifted.grid" in tensors:
+            from dfield.lifting import LiftedFeatures  # lifting builds on this module
+
+            self.feature_source = LiftedFeatures.from_state({k[len("lifted."):]: v for k, v in tensors.items() if k.startswith("lifted.")})
+
+
+class GridSceneField:
+    """A trained grid model seen as a field (see dfield.render.Field)."""
+
+    def __init__(self, model: GridModel, decoded: bool = False):
+        self.model = model
+        self.aabb = model.field.aabb
+        self.occupancy = model.occupancy
+        self.density = model.field.density
+        self.color = model.field.color
+        source = model.feature_source or (model.field.features if model.field.feature_vol is not None else None)
+        if source is not None and decoded and model.feature_source is None:
+            self.features = lambda x: model.decoder(source(x))
+        else:
+            self.features = source

@@ -1,0 +1,106 @@
+"""Selections: functions of 3D points giving how much each point belongs to what a query named.
+
+A query scores features; a selection scores points. Scoring every render sample through the feature field
+and decoder is slow and speckled, so `VoxelSelection` scores the occupied cells of a grid once, optionally
+grows the hard mask by a cell or two (object boundaries are where features blur), and afterwards looks
+points up. Edits only ever ask a selection `mask(x)`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from dfield.query import QueryError, QuerySet
+
+
+class Selection:
+    threshold: float = 0.5
+
+    def prob(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3) points -> (N,) soft selection in [0, 1]."""
+        raise NotImplementedError
+
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prob(x) >= self.threshold
+
+
+class BoxSelection(Selection):
+    """Everything inside an axis-aligned world box: for scripted edits and for tests."""
+
+    def __init__(self, lo, hi):
+        self.lo, self.hi = torch.as_tensor(lo, dtype=torch.float32), torch.as_tensor(hi, dtype=torch.float32)
+        if not (self.lo < self.hi).all():
+            raise QueryError(f"box selection needs lo < hi on every axis, got {self.lo.tolist()} / {self.hi.tolist()}")
+
+    def prob(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x >= self.lo.to(x)) & (x <= self.hi.to(x))).all(-1).float()
+
+
+class FeatureSelection(Selection):
+    """p(query | feature(x)) straight from a field's (teacher-space) features; exact but slow per point."""
+
+    def __init__(self, features: Callable[[torch.Tensor], torch.Tensor], query: QuerySet, threshold: float = 0.5):
+        self.features, self.query, self.threshold = features, query, threshold
+
+    def prob(self, x: torch.Tensor) -> torch.Tensor:
+        return self.query.probability(self.features(x)) if len(x) else x.new_zeros(0)
+
+
+class VoxelSelection(Selection):
+    """A selection sampled at cell centres of a grid over `aabb`, read back by nearest cell."""
+
+    def __init__(self, aabb: torch.Tensor, prob: torch.Tensor, threshold: float = 0.5):
+        self.aabb, self.grid, self.threshold = aabb.float(), prob.float(), threshold
+        self.res = torch.tensor(prob.shape)
+
+    @staticmethod
+    @torch.no_grad()
+    def sample(source: Selection, aabb: torch.Tensor, resolution: int = 128, occupied=None, dilate: int = 1,
+               chunk: int = 2**16) -> "VoxelSelection":
+        """Score `source` at the cell centres (only where `occupied.query` says there may be matter).
+
+        `dilate` grows the selection by that many cells: features blur across boundaries, and a thin
+        unselected rim left around a deleted or moved object shows as a ghost outline.
+        """
+        aabb = aabb.float()
+        size = aabb[1] - aabb[0]
+        voxel = (size.prod() / resolution**3) ** (1 / 3)
+        res = [max(2, int(round(s))) for s in (size / voxel).tolist()]
+        axes = [(torch.arange(r, dtype=torch.float32) + 0.5) / r for r in res]
+        pts = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3) * size + aabb[0]
+        keep = torch.ones(len(pts), dtype=torch.bool) if occupied is None else occupied.query(pts)
+        prob = torch.zeros(len(pts))
+        idx = keep.nonzero()[:, 0]
+        for part in idx.split(chunk):
+            prob[part] = source.prob(pts[part]).float().cpu()
+        grid = prob.reshape(res)
+        if dilate > 0:
+            grid = F.max_pool3d(grid[None, None], 2 * dilate + 1, stride=1, padding=dilate)[0, 0]
+        return VoxelSelection(aabb, grid, source.threshold)
+
+    def prob(self, x: torch.Tensor) -> torch.Tensor:
+        u = (x - self.aabb[0].to(x)) / (self.aabb[1] - self.aabb[0]).to(x)
+        inside = ((u >= 0) & (u <= 1)).all(-1)
+        res = self.res.to(x.device)
+        ijk = (u * res).long().clamp(min=0)
+        ijk = torch.minimum(ijk, res - 1)
+        flat = (ijk[:, 0] * res[1] + ijk[:, 1]) * res[2] + ijk[:, 2]
+        return torch.where(inside, self.grid.to(x.device).reshape(-1)[flat], x.new_zeros(()))
+
+    def voxel_count(self) -> int:
+        return int((self.grid >= self.threshold).sum())
+
+
+def selection_bounds(selection: Selection, fallback: torch.Tensor) -> torch.Tensor:
+    """A world box holding the selection (`fallback` when the selection cannot say)."""
+    if isinstance(selection, BoxSelection):
+        return torch.stack([selection.lo, selection.hi])
+    if isinstance(selection, VoxelSelection):
+        idx = (selection.grid >= selection.threshold).nonzero()
+        if len(idx):
+            cell = (selection.aabb[1] - selection.aabb[0]) / selection.res
+            return torch.stack([selection.aabb[0] + idx.amin(0) * cell, selection.aabb[0] + (idx.amax(0) + 1) * cell])
+    return fallback.float()
