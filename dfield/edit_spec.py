@@ -36,7 +36,8 @@ class Select:
     """[VIEW, X, Y]: a pixel of training view VIEW."""
     box: list[list[float]] | None = None
     """[[x0, y0, z0], [x1, y1, z1]]: a world-space box (no features needed)."""
-    negatives: list[str] | str = "auto"
+    negatives: list[str] | str | None = None
+    """Texts, or "auto" (scene feature clusters unlike the query); default: auto for patch/click, stock phrases for text."""
     threshold: float = 0.5
     temperature: float = 0.1
     dilate: int = 1

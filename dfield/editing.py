@@ -64,7 +64,8 @@ def make_selection(sel: Select, run, field, step: float):
                         "(add features with dfield distill RUN --teacher ...)")
     from dfield.querying import QuerySpec, make_query
 
-    spec = QuerySpec(text=list(sel.text), patch=sel.patch, click=sel.click, negatives=sel.negatives,
+    as_view = lambda v: None if v is None else (int(v[0]), *v[1:])  # noqa: E731 (the view is an index)
+    spec = QuerySpec(text=list(sel.text), patch=as_view(sel.patch), click=as_view(sel.click), negatives=sel.negatives,
                      temperature=sel.temperature, threshold=sel.threshold)
     query = make_query(run, spec)
     exact = FeatureSelection(field.features, query, sel.threshold)
@@ -160,3 +161,14 @@ def build_edited(run, edits: list[Edit], device: str = "cpu") -> EditedModel:
 
 def _occupied_box(model) -> torch.Tensor:
     return model.occupancy.occupied_aabb() if model.occupancy is not None else model.field.aabb
+
+
+def mesh_box(edited: EditedModel) -> torch.Tensor:
+    """Where to mesh: the selection's box when the last edit extracts (an object on its own), else everything."""
+    last = edited.layers[-1] if edited.layers else None
+    box = edited.field.aabb
+    if isinstance(last, Extract):
+        sel = selection_bounds(last.selection, box)
+        pad = 0.05 * (sel[1] - sel[0]).max()  # marching cubes closes no surface that touches the box
+        box = torch.stack([torch.maximum(sel[0] - pad, box[0]), torch.minimum(sel[1] + pad, box[1])])
+    return box
