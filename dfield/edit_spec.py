@@ -40,8 +40,12 @@ class Select:
     """Texts, or "auto" (scene feature clusters unlike the query); default: auto for patch/click, stock phrases for text."""
     threshold: float = 0.5
     temperature: float = 0.1
-    dilate: int = 1
-    """Grow the selection by this many cells (features blur at object boundaries)."""
+    low: float | None = None
+    """Cells connected to confident ones join the selection down to this probability (default threshold / 2)."""
+    connected: bool = True
+    """Patch/click: keep only the connected pieces of the selection that the patch or click landed on."""
+    dilate: int = 0
+    """Grow the selection by this many whole cells."""
     resolution: int = 128
     """Cells along the longest side of the grid the selection is sampled on."""
 

@@ -69,11 +69,38 @@ def make_selection(sel: Select, run, field, step: float):
                      temperature=sel.temperature, threshold=sel.threshold)
     query = make_query(run, spec)
     exact = FeatureSelection(field.features, query, sel.threshold)
-    grid = VoxelSelection.sample(exact, field.aabb, sel.resolution, _DenseCells(field, step), sel.dilate)
+    low = sel.threshold / 2 if sel.low is None else sel.low
+    grid = VoxelSelection.sample(exact, field.aabb, sel.resolution, _DenseCells(field, step), sel.dilate, low=low,
+                                 seeds=seed_points(run, sel) if sel.connected else None)
     if grid.voxel_count() == 0:
         raise EditError(f"the selection {_describe(sel)} is empty: no occupied cell scores above {sel.threshold} "
                         "(try a lower threshold or another query)")
     return grid
+
+
+@torch.no_grad()
+def seed_points(run, sel: Select) -> torch.Tensor | None:
+    """The 3D points a click or a patch (its centre and a 3x3 grid inside it) lands on, from rendered depth."""
+    from dfield.rays import field_rays
+    from dfield.views import ndc_of
+
+    if sel.click is not None:
+        view, us, vs = int(sel.click[0]), [sel.click[1] + 0.5], [sel.click[2] + 0.5]
+    elif sel.patch is not None:
+        view, x0, y0, x1, y1 = int(sel.patch[0]), *sel.patch[1:]
+        grid = [0.25, 0.5, 0.75]
+        us = [x0 + a * (x1 - x0) for a in grid for _ in grid]
+        vs = [y0 + b * (y1 - y0) for _ in grid for b in grid]
+    else:
+        return None
+    cams = run.scene.train_cameras()
+    device = run.model.field.aabb.device
+    rays = field_rays(cams, torch.full((len(us),), view, dtype=torch.long), torch.tensor(us), torch.tensor(vs),
+                      ndc_of(run.scene)).to(device)
+    out = run.model.render_rays(rays)
+    hit = out["acc"] > 0.5
+    t = out["depth"][hit] / out["acc"][hit]
+    return (rays.origins[hit] + rays.directions[hit] * t[:, None]).cpu() if hit.any() else None
 
 
 def _describe(sel: Select) -> str:

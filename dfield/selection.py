@@ -58,12 +58,15 @@ class VoxelSelection(Selection):
 
     @staticmethod
     @torch.no_grad()
-    def sample(source: Selection, aabb: torch.Tensor, resolution: int = 128, occupied=None, dilate: int = 1,
-               chunk: int = 2**16) -> "VoxelSelection":
-        """Score `source` at the cell centres (only where `occupied.query` says there may be matter).
+    def sample(source: Selection, aabb: torch.Tensor, resolution: int = 128, occupied=None, dilate: int = 0,
+               chunk: int = 2**16, low: float | None = None, seeds: torch.Tensor | None = None) -> "VoxelSelection":
+        """Score `source` at the cell centres (only where `occupied.query` says there may be matter), then clean up.
 
-        `dilate` grows the selection by that many cells: features blur across boundaries, and a thin
-        unselected rim left around a deleted or moved object shows as a ghost outline.
+        Feature queries are noisy per cell, so the hard selection is grown from confident cells into connected
+        cells scoring at least `low` (hysteresis: boundary cells where features blur join their object), and only
+        connected pieces that hold a `seeds` point (the 3D point a click or patch landed on) are kept, so
+        look-alike specks elsewhere in the scene are not edited with it. `dilate` then grows the result by
+        whole cells.
         """
         aabb = aabb.float()
         size = aabb[1] - aabb[0]
@@ -77,9 +80,13 @@ class VoxelSelection(Selection):
         for part in idx.split(chunk):
             prob[part] = source.prob(pts[part]).float().cpu()
         grid = prob.reshape(res)
+        threshold = source.threshold
+        if low is not None or seeds is not None:
+            grid = _connected(grid, threshold, threshold if low is None else low, seeds, aabb).float()
+            threshold = 0.5
         if dilate > 0:
             grid = F.max_pool3d(grid[None, None], 2 * dilate + 1, stride=1, padding=dilate)[0, 0]
-        return VoxelSelection(aabb, grid, source.threshold)
+        return VoxelSelection(aabb, grid, threshold)
 
     def prob(self, x: torch.Tensor) -> torch.Tensor:
         u = (x - self.aabb[0].to(x)) / (self.aabb[1] - self.aabb[0]).to(x)
@@ -104,3 +111,24 @@ def selection_bounds(selection: Selection, fallback: torch.Tensor) -> torch.Tens
             cell = (selection.aabb[1] - selection.aabb[0]) / selection.res
             return torch.stack([selection.aabb[0] + idx.amin(0) * cell, selection.aabb[0] + (idx.amax(0) + 1) * cell])
     return fallback.float()
+
+
+def _connected(grid: torch.Tensor, high: float, low: float, seeds: torch.Tensor | None, aabb: torch.Tensor) -> torch.Tensor:
+    """Hysteresis on a probability grid, keeping the 26-connected pieces that touch a seed (all, without seeds)."""
+    import numpy as np
+    from scipy import ndimage
+
+    labels, n = ndimage.label((grid >= low).numpy(), structure=np.ones((3, 3, 3)))
+    labels = torch.from_numpy(labels)
+    strong = torch.unique(labels[grid >= high])
+    wanted = strong[strong > 0]
+    if seeds is not None and len(wanted):
+        res = torch.tensor(grid.shape)
+        ijk = ((seeds.float().cpu() - aabb[0]) / (aabb[1] - aabb[0]) * res).long()
+        near = set()
+        for c in ijk:  # a seed sits on a surface, so look a couple of cells around it
+            lo, hi = (c - 2).clamp(min=0), torch.minimum(c + 3, res)
+            near.update(torch.unique(labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]).tolist())
+        seeded = wanted[torch.tensor([int(w) in near for w in wanted], dtype=torch.bool)]
+        wanted = seeded if len(seeded) else wanted
+    return torch.isin(labels, wanted) & (labels > 0)
