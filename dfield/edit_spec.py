@@ -41,7 +41,7 @@ class Select:
     threshold: float = 0.5
     temperature: float = 0.1
     low: float | None = None
-    """Cells connected to confident ones join the selection down to this probability (default threshold / 2)."""
+    """Cells connected to confident ones join the selection down to this probability (default threshold / 5)."""
     connected: bool = True
     """Patch/click: keep only the connected pieces of the selection that the patch or click landed on."""
     dilate: int = 0

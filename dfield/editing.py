@@ -69,7 +69,7 @@ def make_selection(sel: Select, run, field, step: float):
                      temperature=sel.temperature, threshold=sel.threshold)
     query = make_query(run, spec)
     exact = FeatureSelection(field.features, query, sel.threshold)
-    low = sel.threshold / 2 if sel.low is None else sel.low
+    low = sel.threshold / 5 if sel.low is None else sel.low
     grid = VoxelSelection.sample(exact, field.aabb, sel.resolution, _DenseCells(field, step), sel.dilate, low=low,
                                  seeds=seed_points(run, sel) if sel.connected else None)
     if grid.voxel_count() == 0:

@@ -59,14 +59,16 @@ class VoxelSelection(Selection):
     @staticmethod
     @torch.no_grad()
     def sample(source: Selection, aabb: torch.Tensor, resolution: int = 128, occupied=None, dilate: int = 0,
-               chunk: int = 2**16, low: float | None = None, seeds: torch.Tensor | None = None) -> "VoxelSelection":
+               chunk: int = 2**16, low: float | None = None, seeds: torch.Tensor | None = None,
+               fill_interior: bool = True) -> "VoxelSelection":
         """Score `source` at the cell centres (only where `occupied.query` says there may be matter), then clean up.
 
         Feature queries are noisy per cell, so the hard selection is grown from confident cells into connected
         cells scoring at least `low` (hysteresis: boundary cells where features blur join their object), and only
         connected pieces that hold a `seeds` point (the 3D point a click or patch landed on) are kept, so
         look-alike specks elsewhere in the scene are not edited with it. `dilate` then grows the result by
-        whole cells.
+        whole cells. With `fill_interior`, cells buried inside matter (not next to empty space reachable from the
+        box's border) take the selection of the nearest surface cell: a deleted object leaves no core behind.
         """
         aabb = aabb.float()
         size = aabb[1] - aabb[0]
@@ -74,12 +76,16 @@ class VoxelSelection(Selection):
         res = [max(2, int(round(s))) for s in (size / voxel).tolist()]
         axes = [(torch.arange(r, dtype=torch.float32) + 0.5) / r for r in res]
         pts = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3) * size + aabb[0]
-        keep = torch.ones(len(pts), dtype=torch.bool) if occupied is None else occupied.query(pts)
+        keep = torch.ones(len(pts), dtype=torch.bool) if occupied is None else occupied.query(pts).cpu()
+        surface, nearest = _surface(keep.reshape(res)) if fill_interior and occupied is not None else (keep, None)
         prob = torch.zeros(len(pts))
-        idx = keep.nonzero()[:, 0]
+        idx = surface.reshape(-1).nonzero()[:, 0]
         for part in idx.split(chunk):
-            prob[part] = source.prob(pts[part]).float().cpu()
+            prob[part] = source.prob(pts[part].to(aabb.device)).float().cpu()
         grid = prob.reshape(res)
+        if nearest is not None:
+            # Inside solid matter nothing was ever seen, so features there mean nothing: take the nearest surface's.
+            grid = torch.where(keep.reshape(res), grid[tuple(nearest)], grid)
         threshold = source.threshold
         if low is not None or seeds is not None:
             grid = _connected(grid, threshold, threshold if low is None else low, seeds, aabb).float()
@@ -132,3 +138,19 @@ def _connected(grid: torch.Tensor, high: float, low: float, seeds: torch.Tensor 
         seeded = wanted[torch.tensor([int(w) in near for w in wanted], dtype=torch.bool)]
         wanted = seeded if len(seeded) else wanted
     return torch.isin(labels, wanted) & (labels > 0)
+
+
+def _surface(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense cells next to outside empty space, and for every cell the index of the nearest such cell."""
+    import numpy as np
+    from scipy import ndimage
+
+    d = dense.numpy()
+    labels, _ = ndimage.label(~d, structure=np.ones((3, 3, 3)))
+    border = np.unique(np.concatenate([labels[[0, -1]].ravel(), labels[:, [0, -1]].ravel(), labels[:, :, [0, -1]].ravel()]))
+    outside = np.isin(labels, border[border > 0])
+    surface = d & ndimage.binary_dilation(outside, structure=np.ones((3, 3, 3)))
+    if not surface.any():
+        return dense, None
+    nearest = ndimage.distance_transform_edt(~surface, return_distances=False, return_indices=True)
+    return torch.from_numpy(surface), torch.from_numpy(nearest)

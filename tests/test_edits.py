@@ -168,3 +168,33 @@ def test_spec_validation_errors_name_the_edit(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(EditError, match="cannot parse"):
         load_spec(tmp_path / "broken.json")
+
+
+def test_buried_cells_take_the_selection_of_the_nearest_surface():
+    """A solid ball whose core features say 'not selected' (never seen) is still selected through and through."""
+    aabb = torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])
+
+    class Dense:
+        def query(self, x):
+            return x.norm(dim=-1) < 0.6
+
+    class ShellOnly(BoxSelection):
+        def prob(self, x):
+            return (x.norm(dim=-1) > 0.45).float()  # the core scores 0, as unseen features would
+
+    v = VoxelSelection.sample(ShellOnly([-1, -1, -1], [1, 1, 1]), aabb, 24, occupied=Dense())
+    assert v.mask(torch.zeros(1, 3)).item()
+    v_raw = VoxelSelection.sample(ShellOnly([-1, -1, -1], [1, 1, 1]), aabb, 24, occupied=Dense(), fill_interior=False)
+    assert not v_raw.mask(torch.zeros(1, 3)).item()
+
+
+def test_seeded_selection_keeps_only_the_piece_the_click_landed_on():
+    aabb = torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])
+    two = BoxSelection([-0.9, -0.2, -0.2], [0.9, 0.2, 0.2])
+
+    class Gap(BoxSelection):
+        def prob(self, x):
+            return (two.mask(x) & (x[:, 0].abs() > 0.3)).float()  # two pieces, left and right
+
+    v = VoxelSelection.sample(Gap([-1, -1, -1], [1, 1, 1]), aabb, 20, seeds=torch.tensor([[0.6, 0.0, 0.0]]))
+    assert v.mask(torch.tensor([[0.6, 0.0, 0.0]])).item() and not v.mask(torch.tensor([[-0.6, 0.0, 0.0]])).item()
