@@ -23,6 +23,9 @@ class QuerySet:
     negatives: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))  # (Q, D)
     temperature: float = 0.1
     normalize: bool = True
+    center: torch.Tensor | None = None
+    """(D,) point every feature and query is measured from (e.g. the scene's mean feature). Dense features share a
+    large common component; without removing it every cosine is close to 1 and nothing stands out."""
 
     def __post_init__(self):
         self.positives = torch.as_tensor(self.positives, dtype=torch.float32).reshape(-1, self.positives.shape[-1])
@@ -39,6 +42,9 @@ class QuerySet:
         """(..., D) features -> (...) probability that each matches one of the positives."""
         q = torch.cat([self.positives, self.negatives]).to(features)
         f = features
+        if self.center is not None:
+            c = torch.as_tensor(self.center).to(features)
+            f, q = f - c, q - c
         if self.normalize:
             f, q = F.normalize(f, dim=-1), F.normalize(q, dim=-1)
         p = torch.softmax(f @ q.T / self.temperature, dim=-1)

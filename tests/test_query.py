@@ -51,3 +51,13 @@ def test_patch_and_click_on_a_coarser_map():
         click_embedding(fmap, (40, 3), (40, 40))
     with pytest.raises(QueryError, match="not inside"):
         patch_embedding(fmap, (10, 10, 5, 20), (40, 40))
+
+
+def test_center_removes_a_shared_component():
+    shared = torch.tensor([10.0, 10.0, 0.0, 0.0])
+    pos, neg = shared + torch.tensor([0, 0, 1.0, 0]), shared + torch.tensor([0, 0, 0, 1.0])
+    f = torch.stack([shared + torch.tensor([0, 0, 0.9, 0.1]), shared + torch.tensor([0, 0, 0.1, 0.9])])
+    plain = QuerySet(pos[None], neg[None], temperature=0.1).probability(f)
+    centred = QuerySet(pos[None], neg[None], temperature=0.1, center=shared).probability(f)
+    assert (plain - 0.5).abs().max() < 0.05  # every cosine is ~1: no contrast
+    assert centred[0] > 0.99 and centred[1] < 0.01
