@@ -42,10 +42,15 @@ def save_checkpoint(folder: Path, step: int, model_tensors: dict, trainer_tensor
     for f in tmp.iterdir():  # make the data durable before the rename publishes it
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    # Replacing a checkpoint of the same step (features added to a finished run): the old one moves aside
+    # under a name latest_checkpoint still finds, so a kill before the new one is in place loses nothing.
+    displaced = folder / f"step_{step:06d}.old"
     if final.exists():
-        shutil.rmtree(final)
+        shutil.rmtree(displaced, ignore_errors=True)
+        os.replace(final, displaced)
     os.replace(tmp, final)
     atomic_write_text(folder / "latest", final.name)
+    shutil.rmtree(displaced, ignore_errors=True)
     _prune(folder, keep)
     return final
 

@@ -45,6 +45,10 @@ class FeatureConfig:
     """Radiance first: the feature loss starts at this step (0: joint training from the start)."""
     teacher_dim: int = 0
     """Filled in from the teacher when a run is created."""
+    method: tyro.conf.Suppress[Literal["joint", "fit", "lift"]] = "joint"
+    """How the features were made: joint (trained with the radiance field, from start_step), fit (`dfield distill`:
+    a field trained on the frozen radiance field) or lift (`dfield distill --method lift`: per-voxel averages of
+    teacher features in teacher space, no learned field, dim 0). Set by the commands, not a training option."""
 
 
 @dataclass

@@ -6,10 +6,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class TrainProgress:
-    def __init__(self, total: int, start: int = 0, enabled: bool = True):
+    def __init__(self, total: int, start: int = 0, enabled: bool = True, label: str = "train"):
         self.enabled = enabled
         self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+            TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
             TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled,
         )
         self.task = self.progress.add_task("train", total=total, completed=start, stats="")
@@ -25,5 +25,9 @@ class TrainProgress:
         if stats is None:
             self.progress.update(self.task, completed=step)
             return
-        text = f"loss {stats['loss']:.4f}  psnr {stats['psnr']:.2f}  {stats['rays_per_s'] / 1000:.1f}k rays/s"
+        text = f"loss {stats['loss']:.4f}"  # feature distillation has no PSNR or ray rate to show
+        if "psnr" in stats:
+            text += f"  psnr {stats['psnr']:.2f}"
+        if "rays_per_s" in stats:
+            text += f"  {stats['rays_per_s'] / 1000:.1f}k rays/s"
         self.progress.update(self.task, completed=step, stats=text)

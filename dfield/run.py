@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from dfield.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint
-from dfield.config import TrainConfig, load_config
+from dfield.config import FeatureConfig, TrainConfig, from_dict, load_config
 from dfield.data.dataset import Cameras, Dataset
 from dfield.models.base import Model
 
@@ -103,6 +103,14 @@ def model_tensors(model: Model) -> dict[str, torch.Tensor]:
     return out
 
 
+def with_checkpoint_features(cfg: TrainConfig, meta: dict) -> TrainConfig:
+    """The feature settings a checkpoint was saved with win over config.json: `dfield distill` writes the
+    checkpoint before the config, and a kill in between must leave a run that still opens."""
+    if "features" in meta:
+        cfg.features = from_dict(FeatureConfig, meta["features"])
+    return cfg
+
+
 @dataclass
 class Run:
     path: Path
@@ -125,6 +133,7 @@ def open_run(path, device: str = "cpu", checkpoint: Path | None = None) -> Run:
     if ckpt is None:
         raise RunError(f"{path}: no checkpoint yet (train first, or wait for the first checkpoint)")
     tensors, _, meta = load_checkpoint(ckpt, device)
+    cfg = with_checkpoint_features(cfg, meta)
     model = build_model(cfg, scene).to(device)
     load_model_state(model, tensors, meta)
     model.eval()
