@@ -91,7 +91,8 @@ def render(run: Path, out: Path | None = None, path: str = "test", frames: int =
 
             feats = o["feature"]
             if pca is None:  # fitted on the first view, then fixed: the same colour means the same feature
-                pca = FeaturePCA(feats.reshape(-1, feats.shape[-1])[o["acc"].reshape(-1) > 0.5])
+                flat, solid = feats.reshape(-1, feats.shape[-1]), o["acc"].reshape(-1) > 0.5
+                pca = FeaturePCA(flat[solid] if solid.sum() >= 16 else flat)  # a view of empty space still renders
             o["rgb"] = pca(feats) * o["acc"][..., None] + (1 - o["acc"][..., None])
         written.append(save_png(out / f"{mode}_{i:03d}.png", o["rgb"]))
         rgb_frames.append(o["rgb"])

@@ -154,6 +154,31 @@ class Trainer:
         if 0 < len(pool) < n:
             self.batcher.restrict(pool)
 
+    def _missed_rays_feature_loss(self, n: int) -> tuple[torch.Tensor, float] | None:
+        """Feature loss on rays that miss the shrunk box, which the batcher no longer draws.
+
+        Those rays render no samples, so their feature is the decoder applied to zero: without them a feature
+        field that starts after the shrink (radiance first) never learns what empty background looks like.
+        """
+        pool = self.batcher.pool
+        if pool is None or n == 0 or getattr(self.model, "decoder", None) is None or self.model.feature_source is not None:
+            return None
+        if getattr(self, "_missed", None) is None or self._missed[0] is not pool:
+            keep = torch.ones(self.batcher.n_pixels, dtype=torch.bool)
+            keep[pool] = False
+            self._missed = (pool, keep.nonzero()[:, 0])
+        missed = self._missed[1]
+        if len(missed) == 0:
+            return None
+        ids = missed[torch.randint(len(missed), (n,), generator=self.jitter)]
+        hw, w = self.data.height * self.data.width, self.data.width
+        cam, pix = ids // hw, ids % hw
+        goal = self.teacher_maps.sample(cam, (pix % w).float() + 0.5, (pix // w).float() + 0.5).to(self.device)
+        dim = self.model.decoder.in_features
+        diff = self.model.decode(torch.zeros(n, dim, device=self.device)) - goal
+        value = (diff.abs() if self.cfg.features.loss == "l1" else diff**2).mean()
+        return value, len(missed) / self.batcher.n_pixels
+
     def train_step(self) -> dict:
         if self.model.on_step(self.step):
             self.optimizer = self._make_optimizer()
@@ -175,6 +200,10 @@ class Trainer:
             goal = self.teacher_maps.sample(cam, u, v).to(self.device)
             diff = self.model.decode(out["feature"]) - goal
             feat_loss = (diff.abs() if fcfg.loss == "l1" else diff**2).mean()
+            miss = self._missed_rays_feature_loss(len(ids) // 8)
+            if miss is not None:  # weighted as if the batch had been drawn from every pixel
+                value, frac = miss
+                feat_loss = (1 - frac) * feat_loss + frac * value
             loss = loss + fcfg.weight * feat_loss
         if "rgb_coarse" in out:
             loss = loss + ((out["rgb_coarse"] - target) ** 2).mean()
