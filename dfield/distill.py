@@ -193,13 +193,14 @@ def _optimised_params(model: GridModel) -> list[torch.nn.Parameter]:
 
 def _carry_optimizer(trainer_t: dict, groups: list[dict], before: list, model: GridModel) -> tuple[dict, list[dict]]:
     """Re-index the trainer's Adam state for the model's new parameter list, so `dfield resume` continues with
-    the radiance moments it had. Parameters that are new (the feature branch) start without state."""
+    the radiance moments it had. Parameters that are new (the feature branch) start without state; groups that
+    are new (feature_grid/feature_network) start from the model's own settings."""
     from dfield.run import RunError
 
-    new_groups = [g["params"] for g in model.param_groups()]
-    if len(groups) != len(new_groups) or sum(len(g["params"]) for g in groups) != len(before):
+    new_groups = model.param_groups()
+    if sum(len(g["params"]) for g in groups) != len(before):
         raise RunError("the checkpoint's optimiser state does not match the model; was it written by dfield train?")
-    where = {id(p): j for j, p in enumerate(p for ps in new_groups for p in ps)}
+    where = {id(p): j for j, p in enumerate(p for g in new_groups for p in g["params"])}
     carried = {k: v for k, v in trainer_t.items() if not k.startswith("optim.")}
     for key, v in trainer_t.items():
         if key.startswith("optim."):
@@ -207,10 +208,14 @@ def _carry_optimizer(trainer_t: dict, groups: list[dict], before: list, model: G
             j = where.get(id(before[int(pid)]))
             if j is not None:
                 carried[f"optim.{j}.{name}"] = v
+    old = {g.get("name"): g for g in groups}
+    template = groups[0]
     out, start = [], 0
-    for g, params in zip(groups, new_groups):
-        out.append({**g, "params": list(range(start, start + len(params)))})
-        start += len(params)
+    for g in new_groups:
+        n = len(g["params"])
+        settings = old.get(g["name"]) or {**template, "lr": g["lr"], "initial_lr": g["lr"], "name": g["name"]}
+        out.append({**settings, "params": list(range(start, start + n))})
+        start += n
     return carried, out
 
 

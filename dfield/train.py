@@ -134,9 +134,14 @@ class Trainer:
 
     # -- training -------------------------------------------------------------------------------
     def _set_lr(self) -> None:
-        frac = self.step / max(1, self.cfg.iterations)
+        n, start = max(1, self.cfg.iterations), self.cfg.features.start_step
         for g in self.optimizer.param_groups:
-            g["lr"] = g["initial_lr"] * self.cfg.lr_final_ratio**frac
+            if g.get("name", "").startswith("feature_") and start > 0:
+                # Radiance first: the feature branch decays over its own steps, from its full rate at start_step.
+                frac = max(0, self.step - start) / max(1, n - start)
+            else:
+                frac = self.step / n
+            g["lr"] = g["initial_lr"] * self.cfg.lr_final_ratio ** min(frac, 1.0)
 
     def _restrict_rays_to_box(self) -> None:
         """Once the box has shrunk to the object, rays that miss it only ever see background: skip them."""

@@ -139,3 +139,25 @@ def test_teacher_spec_settings():
         make_teacher("synthetic:bogus=1")
     with pytest.raises(TeacherError, match="unknown teacher"):
         make_teacher("nope")
+
+
+def test_radiance_first_features_get_their_own_schedule_and_background(tiny_scene, tiny_train_config, tmp_path):
+    """Features from step 20 of 40: their learning rate starts full at step 20 (not already decayed), and rays
+    that miss the shrunk box still teach the decoder what background looks like."""
+    import dfield.teachers as teachers
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(teachers, "make_teacher", lambda spec, **kw: _OneHotTeacher())
+        mp.setattr(teachers, "cached_features", lambda t, data, cache, **kw: FeatureMaps(
+            t.encode(data.images, data.object_ids).numpy().astype(np.float16), (data.width, data.height)))
+        cfg = tiny_train_config(tiny_scene, iterations=40)
+        cfg.features.teacher, cfg.features.dim, cfg.features.start_step = "onehot", 8, 20
+        tr = Trainer.create(cfg, tmp_path / "run")
+        while tr.step < 20:
+            tr.train_step()
+        tr._set_lr()
+        lrs = {g["name"]: g["lr"] / g["initial_lr"] for g in tr.optimizer.param_groups}
+        assert lrs["feature_grid"] == 1.0 and lrs["feature_network"] == 1.0 and lrs["grid"] < 1.0
+        assert tr.batcher.pool is not None  # the box has shrunk (step 15): the batcher draws only rays that hit it
+        miss = tr._missed_rays_feature_loss(64)
+        assert miss is not None and 0 < miss[1] < 1 and miss[0].requires_grad

@@ -132,11 +132,23 @@ class GridModel(Model):
 
     # -- training -------------------------------------------------------------------------------
     def param_groups(self, lr_scale: float = 1.0) -> list[dict]:
-        return [
-            {"params": self.field.grid_parameters(), "lr": self.cfg.lr_grid * lr_scale, "name": "grid"},
-            {"params": self.field.network_parameters() + (list(self.decoder.parameters()) if self.decoder else []),
-             "lr": self.cfg.lr_network * lr_scale, "name": "network"},
+        """Radiance and feature parameters in separate groups: a feature branch that starts late (radiance first)
+        gets a learning-rate schedule of its own, starting where it starts."""
+        f = self.field
+        feat_grid = [f.feature_vol.planes, f.feature_vol.lines] if f.feature_vol is not None else []
+        feat_net = (list(f.feature_basis.parameters()) if f.feature_vol is not None else []) + \
+            (list(self.decoder.parameters()) if self.decoder is not None else [])
+        ids = {id(q) for q in feat_grid + feat_net}
+        groups = [
+            {"params": [q for q in f.grid_parameters() if id(q) not in ids], "lr": self.cfg.lr_grid * lr_scale, "name": "grid"},
+            {"params": [q for q in f.network_parameters() if id(q) not in ids], "lr": self.cfg.lr_network * lr_scale,
+             "name": "network"},
         ]
+        if feat_grid:
+            groups.append({"params": feat_grid, "lr": self.cfg.lr_grid * lr_scale, "name": "feature_grid"})
+        if feat_net:
+            groups.append({"params": feat_net, "lr": self.cfg.lr_network * lr_scale, "name": "feature_network"})
+        return groups
 
     def regularizer(self, step: int) -> torch.Tensor | None:
         c = self.cfg
