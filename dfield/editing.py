@@ -71,7 +71,7 @@ def make_selection(sel: Select, run, field, step: float):
     exact = FeatureSelection(field.features, query, sel.threshold)
     low = sel.threshold / 5 if sel.low is None else sel.low
     grid = VoxelSelection.sample(exact, field.aabb, sel.resolution, _DenseCells(field, step), sel.dilate, low=low,
-                                 seeds=seed_points(run, sel) if sel.connected else None)
+                                 seeds=seed_points(run, sel) if sel.connected else None, density=field.density)
     if grid.voxel_count() == 0:
         raise EditError(f"the selection {_describe(sel)} is empty: no occupied cell scores above {sel.threshold} "
                         "(try a lower threshold or another query)")

@@ -60,7 +60,8 @@ class VoxelSelection(Selection):
     @torch.no_grad()
     def sample(source: Selection, aabb: torch.Tensor, resolution: int = 128, occupied=None, dilate: int = 0,
                chunk: int = 2**16, low: float | None = None, seeds: torch.Tensor | None = None,
-               fill_interior: bool = True) -> "VoxelSelection":
+               fill_interior: bool = True, density: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               probe: int = 3) -> "VoxelSelection":
         """Score `source` at the cell centres (only where `occupied.query` says there may be matter), then clean up.
 
         Feature queries are noisy per cell, so the hard selection is grown from confident cells into connected
@@ -69,6 +70,9 @@ class VoxelSelection(Selection):
         look-alike specks elsewhere in the scene are not edited with it. `dilate` then grows the result by
         whole cells. With `fill_interior`, cells buried inside matter (not next to empty space reachable from the
         box's border) take the selection of the nearest surface cell: a deleted object leaves no core behind.
+        With `density`, each cell is scored at the densest of `probe`^3 points spread over it instead of at its
+        centre: features are only trained where rendering weight falls, and a thin surface (a ground plane)
+        misses most cell centres, which then read the untrained features of its faint halo.
         """
         aabb = aabb.float()
         size = aabb[1] - aabb[0]
@@ -80,8 +84,13 @@ class VoxelSelection(Selection):
         surface, nearest = _surface(keep.reshape(res)) if fill_interior and occupied is not None else (keep, None)
         prob = torch.zeros(len(pts))
         idx = surface.reshape(-1).nonzero()[:, 0]
-        for part in idx.split(chunk):
-            prob[part] = source.prob(pts[part].to(aabb.device)).float().cpu()
+        cell = size / torch.tensor(res, dtype=torch.float32)
+        batch = max(1, chunk // probe**3) if density is not None and probe > 1 else chunk
+        for part in idx.split(batch):
+            x = pts[part].to(aabb.device)
+            if density is not None and probe > 1:
+                x = densest_points(density, x, cell.to(x), probe)
+            prob[part] = source.prob(x).float().cpu()
         grid = prob.reshape(res)
         if nearest is not None:
             # Inside solid matter nothing was ever seen, so features there mean nothing: take the nearest surface's.
@@ -105,6 +114,16 @@ class VoxelSelection(Selection):
 
     def voxel_count(self) -> int:
         return int((self.grid >= self.threshold).sum())
+
+
+def densest_points(density: Callable[[torch.Tensor], torch.Tensor], centres: torch.Tensor, cell: torch.Tensor,
+                   k: int) -> torch.Tensor:
+    """For each cell centre, the point of highest density on a k x k x k lattice of sub-cell centres."""
+    a = (torch.arange(k, dtype=centres.dtype, device=centres.device) + 0.5) / k - 0.5
+    offsets = torch.stack(torch.meshgrid(a, a, a, indexing="ij"), -1).reshape(-1, 3) * cell
+    pts = centres[:, None] + offsets[None]
+    best = density(pts.reshape(-1, 3)).reshape(len(centres), -1).argmax(1)
+    return pts[torch.arange(len(centres), device=centres.device), best]
 
 
 def selection_bounds(selection: Selection, fallback: torch.Tensor) -> torch.Tensor:

@@ -198,3 +198,19 @@ def test_seeded_selection_keeps_only_the_piece_the_click_landed_on():
 
     v = VoxelSelection.sample(Gap([-1, -1, -1], [1, 1, 1]), aabb, 20, seeds=torch.tensor([[0.6, 0.0, 0.0]]))
     assert v.mask(torch.tensor([[0.6, 0.0, 0.0]])).item() and not v.mask(torch.tensor([[-0.6, 0.0, 0.0]])).item()
+
+
+def test_cells_are_scored_where_their_matter_is_not_at_their_centre():
+    """A thin sheet between cell centres: only its own points carry the right features (as in a trained field)."""
+    aabb = torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])
+    z0 = 0.05 + 0.1 / 3  # inside the cells centred at z = 0.05 (size 0.1), on one of their 3x3x3 probe points
+
+    class Sheet(BoxSelection):
+        def prob(self, x):
+            return ((x[:, 2] - z0).abs() < 0.01).float()
+
+    density = lambda x: 100 * torch.exp(-(((x[:, 2] - z0) / 0.02) ** 2))  # noqa: E731
+    sheet = Sheet([-1, -1, -1], [1, 1, 1])
+    assert VoxelSelection.sample(sheet, aabb, 20).voxel_count() == 0
+    v = VoxelSelection.sample(sheet, aabb, 20, density=density)
+    assert v.voxel_count() == 20 * 20 and v.mask(torch.tensor([[0.3, -0.4, z0]])).item()
