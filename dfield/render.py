@@ -73,11 +73,17 @@ def render_field(field: Field, rays: Rays, near: float, far: float, step: float,
     rgb = composite(weights, scatter_samples(color_mask, field.color(pos, rays.directions[s.ray_index[heavy]])))
     acc = weights.sum(-1)
     out = {"rgb": rgb + (1.0 - acc)[:, None] * background, "depth": (weights * s.t).sum(-1), "acc": acc}
-    if features and field.features is not None:
-        # Stop-gradient on the weights: the feature loss shapes features, never density (as in DFF).
-        out["feature"] = composite(weights.detach(), scatter_samples(color_mask, field.features(pos)))
-    for name, fn in (channels or {}).items():
-        v = fn(pos).float()
+    # Wide channels (a 384-d lifted feature) are summed per ray straight from the contributing samples: the
+    # padded (rays, samples, C) layout would cost gigabytes per chunk. Stop-gradient on the weights: the
+    # feature loss shapes features, never density (as in DFF).
+    w_heavy, ray_heavy = weights.detach()[color_mask], s.ray_index[heavy]
+
+    def per_ray(v: torch.Tensor) -> torch.Tensor:
         v = v[:, None] if v.dim() == 1 else v
-        out[name] = composite(weights.detach(), scatter_samples(color_mask, v)).squeeze(-1)
+        return v.new_zeros(len(rays), v.shape[1]).index_add(0, ray_heavy, w_heavy[:, None].to(v) * v)
+
+    if features and field.features is not None:
+        out["feature"] = per_ray(field.features(pos))
+    for name, fn in (channels or {}).items():
+        out[name] = per_ray(fn(pos).float()).squeeze(-1)
     return out
