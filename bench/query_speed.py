@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dfield.querying import QueryContext, QuerySpec, make_query, relevance  # noqa: E402
+from dfield.query_outputs import relevance  # noqa: E402
+from dfield.querying import QueryContext, QuerySpec, make_query  # noqa: E402
 from dfield.run import open_run  # noqa: E402
 
 

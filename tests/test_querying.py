@@ -10,9 +10,9 @@ import torch
 
 from dfield.cli import main
 from dfield.query import QueryError
-from dfield.querying import (QueryContext, QuerySpec, context, far_clusters, inscribed_square, iou, make_query,
-                             object_prompt, query_iou_per_object, relevance, run_query, scene_clusters,
-                             selection_points, spherical_kmeans)
+from dfield.query_eval import inscribed_square, iou, object_prompt, query_iou_per_object
+from dfield.query_outputs import relevance, run_query, selection_points
+from dfield.querying import QueryContext, QuerySpec, context, far_clusters, make_query, scene_clusters, spherical_kmeans
 from dfield.run import open_run
 from dfield.teachers import SyntheticTeacher, register_teacher
 
