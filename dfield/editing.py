@@ -130,9 +130,10 @@ def _recolor_fn(e: Edit, field, selection, step: float):
     colors = region_colors(field, selection, step)
     if e.color is not None:
         return set_color(e.color, rgb_to_hsv(colors)[:, 2].median().item())
+    import numpy as np
     from PIL import Image
 
-    img = torch.from_numpy(__import__("numpy").asarray(Image.open(e.transfer).convert("RGBA"))).float() / 255
+    img = torch.from_numpy(np.asarray(Image.open(e.transfer).convert("RGBA"))).float() / 255
     target = img[..., :3][img[..., 3] > 0.5]
     if len(target) == 0:
         raise EditError(f"transfer image {e.transfer} has no opaque pixels")

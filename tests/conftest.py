@@ -112,3 +112,25 @@ def tiny_train_config():
         return cfg
 
     return make
+
+
+@pytest.fixture(scope="session")
+def teacher_cache(tmp_path_factory):
+    """Teacher feature cache shared by the tests that train with a teacher."""
+    return tmp_path_factory.mktemp("teacher_cache")
+
+
+@pytest.fixture(scope="session")
+def feature_run(tiny_scene, tiny_train_config, tmp_path_factory, teacher_cache):
+    """A tiny run with a synthetic-teacher feature field, trained once for the query and edit tests
+    (read-only: copy it before writing)."""
+    from dfield.train import Trainer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DFIELD_CACHE_DIR", str(teacher_cache))
+        cfg = tiny_train_config(tiny_scene, iterations=60)
+        cfg.features.teacher = "synthetic"
+        cfg.features.dim = 8
+        run = tmp_path_factory.mktemp("qrun") / "run"
+        Trainer.create(cfg, run).train(progress=False)
+        yield run

@@ -16,17 +16,13 @@ from dfield.views import render_camera
 
 
 @pytest.fixture(scope="module")
-def feature_run(tiny_scene, tiny_train_config, tmp_path_factory):
-    from dfield.train import Trainer
+def feature_run(feature_run, tmp_path_factory):
+    """A private copy of the shared feature run: edits write selection renders into RUN/cache."""
+    import shutil
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DFIELD_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        cfg = tiny_train_config(tiny_scene, iterations=60)
-        cfg.features.teacher = "synthetic"
-        cfg.features.dim = 8
-        run = tmp_path_factory.mktemp("erun") / "run"
-        Trainer.create(cfg, run).train(progress=False)
-        yield run
+    dst = tmp_path_factory.mktemp("erun") / "run"
+    shutil.copytree(feature_run, dst)
+    return dst
 
 
 def spec_file(tmp_path, edits, name="spec.json"):

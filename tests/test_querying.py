@@ -17,26 +17,6 @@ from dfield.run import open_run
 from dfield.teachers import SyntheticTeacher, register_teacher
 
 
-@pytest.fixture(scope="module")
-def teacher_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("teacher_cache")
-
-
-@pytest.fixture(scope="module")
-def feature_run(tiny_scene, tiny_train_config, tmp_path_factory, teacher_cache):
-    """A tiny run with a synthetic-teacher feature field (read-only: copy with `fresh_run` before writing)."""
-    from dfield.train import Trainer
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DFIELD_CACHE_DIR", str(teacher_cache))
-        cfg = tiny_train_config(tiny_scene, iterations=60)
-        cfg.features.teacher = "synthetic"
-        cfg.features.dim = 8
-        run = tmp_path_factory.mktemp("qrun") / "run"
-        Trainer.create(cfg, run).train(progress=False)
-        yield run
-
-
 @pytest.fixture
 def fresh_run(feature_run, tmp_path, monkeypatch, teacher_cache):
     monkeypatch.setenv("DFIELD_CACHE_DIR", str(teacher_cache))
