@@ -16,31 +16,26 @@ import torch.nn.functional as F
 
 from dfield.metrics import psnr
 from dfield.rays import camera_image_rays
-from dfield.render import render_field
 
 
 @torch.no_grad()
 def render_pair(edited, cameras, i: int, ndc=None, chunk: int = 8192, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Edited and original renders of camera i with the touched region seen in each, and each edit's selection
     as seen in the original. Images are (H, W, ...) on the CPU."""
-    base = edited.base
+    from dfield.editing import EditedModel
+
+    original = EditedModel(edited.base, edited.base.as_field(), [])  # the unedited field, rendered the same way
     rays = camera_image_rays(cameras, i, ndc).to(device)
     sel_channels = {f"sel{k}": layer.selection.mask for k, layer in enumerate(edited.layers)
                     if getattr(layer, "selection", None) is not None}
-    outs_e, outs_b = [], []
-    for s in range(0, len(rays), chunk):
-        r = rays[s : s + chunk]
-        outs_e.append(edited.render_rays(r, channels={"touched": edited.touched}))
-        outs_b.append(render_field(base.as_field(), r, base.near, base.far, base.step, base.background, None, False,
-                                   base.cfg.weight_threshold, base.cfg.max_samples,
-                                   {"touched": edited.touched, **sel_channels}))
+    e = edited.render_chunked(rays, chunk, channels={"touched": edited.touched})
+    b = original.render_chunked(rays, chunk, channels={"touched": edited.touched, **sel_channels})
     h, w = cameras.height, cameras.width
-    cat = lambda outs, k: torch.cat([o[k] for o in outs]).reshape(h, w, -1).squeeze(-1).cpu()  # noqa: E731
-    res = {"rgb": cat(outs_e, "rgb"), "depth": cat(outs_e, "depth"), "acc": cat(outs_e, "acc"),
-           "base_rgb": cat(outs_b, "rgb"), "base_acc": cat(outs_b, "acc"),
-           "touched": torch.maximum(cat(outs_e, "touched"), cat(outs_b, "touched"))}
+    img = lambda v: v.reshape(h, w, -1).squeeze(-1).cpu()  # noqa: E731
+    res = {"rgb": img(e["rgb"]), "depth": img(e["depth"]), "acc": img(e["acc"]), "base_rgb": img(b["rgb"]),
+           "base_acc": img(b["acc"]), "touched": torch.maximum(img(e["touched"]), img(b["touched"]))}
     for k in sel_channels:
-        res[k] = cat(outs_b, k)
+        res[k] = img(b[k])
     return res
 
 
