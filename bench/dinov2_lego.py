@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dfield.data import load_dataset  # noqa: E402
-from dfield.teachers import cached_features, make_teacher  # noqa: E402
+from dfield.features.teachers import cached_features, make_teacher  # noqa: E402
 
 
 def main() -> None:
@@ -50,12 +50,12 @@ def main() -> None:
     print(f"{teacher.name}: {len(data)} views -> maps {tuple(maps.maps.shape)}; computed in {first:.1f} s, reused in {second:.2f} s")
 
     if args.run is not None:
-        from dfield.distill import add_feature_field, fit_features
-        from dfield.export import save_png
-        from dfield.feature_pca import FeaturePCA
-        from dfield.run import open_run
-        from dfield.train import load_eval_data
-        from dfield.views import render_camera
+        from dfield.features.distill import add_feature_field, fit_features
+        from dfield.io.export import save_png
+        from dfield.features.pca import FeaturePCA
+        from dfield.io.run import open_run
+        from dfield.training.trainer import load_eval_data
+        from dfield.core.image_rendering import render_camera
 
         r = open_run(args.run)
         add_feature_field(r.model, 64, teacher.dim)

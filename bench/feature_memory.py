@@ -42,8 +42,8 @@ def compress_schedule(grid, iterations: int) -> None:
 
 def joint(args) -> dict:
     from dfield.config import TrainConfig
-    from dfield.metrics import PeakMemory
-    from dfield.train import Trainer
+    from dfield.core.metrics import PeakMemory
+    from dfield.training.trainer import Trainer
 
     cfg = TrainConfig(iterations=args.iterations, threads=args.threads)
     cfg.data.path, cfg.data.downscale = args.data, args.downscale
@@ -68,8 +68,8 @@ def joint(args) -> dict:
 
 
 def distilled(args, method: str) -> dict:
-    from dfield.checkpoint import latest_checkpoint
-    from dfield.distill import distill
+    from dfield.io.checkpoint import latest_checkpoint
+    from dfield.features.distill import distill
 
     run = args.work / "run"
     d = distill(run, args.teacher, method=method, iterations=args.fit_iterations, lift_voxels=args.lift_voxels,

@@ -24,14 +24,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dfield import api  # noqa: E402
+from dfield.app import api  # noqa: E402
 from dfield.data.generate import SceneSpec, generate_scene  # noqa: E402
-from dfield.distill import add_feature_field, fit_features  # noqa: E402
-from dfield.evaluate_features import segmentation_eval  # noqa: E402
-from dfield.lifting import lift_features  # noqa: E402
-from dfield.run import open_run  # noqa: E402
-from dfield.teachers import cached_features, make_teacher  # noqa: E402
-from dfield.train import feature_cache_dir, load_eval_data, load_train_data  # noqa: E402
+from dfield.features.distill import add_feature_field, fit_features  # noqa: E402
+from dfield.features.segmentation import segmentation_eval  # noqa: E402
+from dfield.features.lifting import lift_features  # noqa: E402
+from dfield.io.run import open_run  # noqa: E402
+from dfield.features.teachers import cached_features, make_teacher  # noqa: E402
+from dfield.training.trainer import feature_cache_dir, load_eval_data, load_train_data  # noqa: E402
 
 
 def main() -> None:

@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dfield.query_outputs import relevance  # noqa: E402
-from dfield.querying import QueryContext, QuerySpec, make_query  # noqa: E402
-from dfield.run import open_run  # noqa: E402
+from dfield.query.outputs import relevance  # noqa: E402
+from dfield.query.builder import QueryContext, QuerySpec, make_query  # noqa: E402
+from dfield.io.run import open_run  # noqa: E402
 
 
 def opaque_pixels(ctx: QueryContext, view: int, n: int) -> list[tuple[int, int]]:

@@ -25,14 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dfield import api  # noqa: E402
+from dfield.app import api  # noqa: E402
 from dfield.data.generate import SceneSpec, generate_scene  # noqa: E402
-from dfield.distill import distill  # noqa: E402
-from dfield.evaluate import evaluate_views  # noqa: E402
-from dfield.evaluate_features import segmentation_eval  # noqa: E402
-from dfield.run import open_run  # noqa: E402
-from dfield.teachers import make_teacher  # noqa: E402
-from dfield.train import Trainer, load_eval_data  # noqa: E402
+from dfield.features.distill import distill  # noqa: E402
+from dfield.training.evaluate import evaluate_views  # noqa: E402
+from dfield.features.segmentation import segmentation_eval  # noqa: E402
+from dfield.io.run import open_run  # noqa: E402
+from dfield.features.teachers import make_teacher  # noqa: E402
+from dfield.training.trainer import Trainer, load_eval_data  # noqa: E402
 
 
 def train(scene: Path, out: Path, args, teacher: str, start_step: int = 0) -> float:

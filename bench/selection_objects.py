@@ -1,11 +1,11 @@
 """Patch and click selections per object on a generated scene: the 3D counterpart of query_objects.py.
 
-For every object (and the ground) the same box and click as query_objects.py (dfield.query_eval.object_prompt:
+For every object (and the ground) the same box and click as query_objects.py (dfield.query.evaluation.object_prompt:
 the training view where the object is most visible, its largest inscribed square and the pixel deepest
-inside it) become a 3D selection exactly as `dfield edit` makes one (dfield.editing.make_selection, default
+inside it) become a 3D selection exactly as `dfield edit` makes one (dfield.edit.build.make_selection, default
 settings). Each selection is rendered as a channel of the unedited field on every held-out view (what
 `dfield edit` scores: region = rendered selection > 0.5) and scored by IoU against the object's ground-truth
-ids, pooled over the views. The patch selection is also deleted (dfield.editing.build_edited) and the edit's
+ids, pooled over the views. The patch selection is also deleted (dfield.edit.build.build_edited) and the edit's
 locality PSNR (outside the touched pixels, minimum over views, 'inf' when identical) is measured on every
 --every-th view. With --2d the 2D query masks of query_objects.py are scored beside them (cached renders).
 Printed as a table and merged into bench/results/selection_objects.json under --label.
@@ -26,18 +26,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dfield.edit_spec import parse_select, parse_spec  # noqa: E402
-from dfield.edit_views import best_object, json_number, locality, object_overlaps, render_pair  # noqa: E402
-from dfield.editing import build_edited, make_selection  # noqa: E402
-from dfield.edits import EditError  # noqa: E402
-from dfield.query import QueryError  # noqa: E402
-from dfield.query_eval import iou, object_prompt, query_iou_per_object  # noqa: E402
-from dfield.querying import context  # noqa: E402
-from dfield.rays import camera_image_rays  # noqa: E402
-from dfield.render import render_field  # noqa: E402
-from dfield.views import ndc_of  # noqa: E402
+from dfield.edit.spec import parse_select, parse_spec  # noqa: E402
+from dfield.edit.locality import best_object, json_number, locality, object_overlaps, render_pair  # noqa: E402
+from dfield.edit.build import build_edited, make_selection  # noqa: E402
+from dfield.edit.wrappers import EditError  # noqa: E402
+from dfield.query.sets import QueryError  # noqa: E402
+from dfield.query.evaluation import iou, object_prompt, query_iou_per_object  # noqa: E402
+from dfield.query.builder import context  # noqa: E402
+from dfield.core.rays import camera_image_rays  # noqa: E402
+from dfield.core.rendering import render_field  # noqa: E402
+from dfield.core.image_rendering import ndc_of  # noqa: E402
 
-GROUND = 1  # generated scenes: id 1 is the ground disk (dfield.query_eval.mean_scores leaves it out the same way)
+GROUND = 1  # generated scenes: id 1 is the ground disk (dfield.query.evaluation.mean_scores leaves it out the same way)
 COLUMNS = ("patch_iou", "click_iou", "delete_locality_psnr")
 
 
@@ -124,7 +124,7 @@ def object_row(run, obj: int, prompt: dict, test, every: int, names: dict, image
 
 def save_sheet(path: Path, shown: list) -> None:
     """Rows of held-out views: render, ground truth (green) vs patch selection (magenta), vs click, after delete."""
-    from dfield.export import save_png
+    from dfield.io.export import save_png
 
     def overlay(rgb, gt, region):
         out = rgb.clamp(0, 1).clone() * 0.5 + 0.25

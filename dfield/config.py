@@ -106,7 +106,7 @@ def from_dict(cls, d: dict):
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
-    from dfield.checkpoint import atomic_write_text
+    from dfield.io.checkpoint import atomic_write_text
 
     atomic_write_text(path, json.dumps(to_dict(cfg), indent=1))
 

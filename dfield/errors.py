@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 
 from dfield.data.dataset import DataError
-from dfield.run import RunError
-from dfield.train import TrainingDiverged
+from dfield.io.run import RunError
+from dfield.training.trainer import TrainingDiverged
 
 USER_ERRORS = (DataError, RunError, TrainingDiverged, ValueError, FileNotFoundError)
 

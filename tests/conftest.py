@@ -124,7 +124,7 @@ def teacher_cache(tmp_path_factory):
 def feature_run(tiny_scene, tiny_train_config, tmp_path_factory, teacher_cache):
     """A tiny run with a synthetic-teacher feature field, trained once for the query and edit tests
     (read-only: copy it before writing)."""
-    from dfield.train import Trainer
+    from dfield.training.trainer import Trainer
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DFIELD_CACHE_DIR", str(teacher_cache))

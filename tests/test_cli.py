@@ -1,4 +1,4 @@
-"""The `dfield` command, in-process through `dfield.cli.main`: the happy path on a tiny generated scene, and
+"""The `dfield` command, in-process through `dfield.app.cli.main`: the happy path on a tiny generated scene, and
 bad input that must end in exit code 2, one line on stderr naming the file, and no half-made run folder."""
 
 import json
@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dfield.cli import main
+from dfield.app.cli import main
 
 torch.set_num_threads(1)
 
@@ -122,7 +122,7 @@ def test_train_resume_and_resume_command(cli_run, tmp_path, capsys):
 def test_train_resume_keeps_the_saved_iteration_count(cli_run, monkeypatch):
     """`train --resume` without --iterations continues to the run's own count ("its saved config wins"),
     not to the command line's default of 3000."""
-    from dfield.train import Trainer
+    from dfield.training.trainer import Trainer
 
     seen = {}
     monkeypatch.setattr(Trainer, "train", lambda self, hooks=(), progress=True: seen.update(iterations=self.cfg.iterations))
@@ -221,7 +221,7 @@ def test_divergence_is_a_one_line_error(cli_run, tmp_path, capsys, monkeypatch):
 
 def test_help_from_a_subprocess():
     script = Path(sys.executable).parent / "dfield"
-    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "dfield.cli"]
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "dfield.app.cli"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "100"}
     res = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0, res.stderr

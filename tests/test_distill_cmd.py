@@ -12,15 +12,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dfield import api
-from dfield.checkpoint import latest_checkpoint
-from dfield.cli import main
+from dfield.app import api
+from dfield.io.checkpoint import latest_checkpoint
+from dfield.app.cli import main
 from dfield.data import load_dataset
-from dfield.distill import distill
-from dfield.lifting import LiftedFeatures
-from dfield.rays import image_rays
-from dfield.run import open_run
-from dfield.train import Trainer
+from dfield.features.distill import distill
+from dfield.features.lifting import LiftedFeatures
+from dfield.core.rays import image_rays
+from dfield.io.run import open_run
+from dfield.training.trainer import Trainer
 
 FAST = dict(iterations=4, batch_rays=128, dim=8, progress=False)
 LIFT = dict(method="lift", lift_voxels=12**3, batch_rays=128, progress=False)

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from dfield.cli import main
-from dfield.edit_spec import parse_spec
-from dfield.editing import build_edited
-from dfield.edits import EditError
-from dfield.run import open_run
-from dfield.views import render_camera
+from dfield.app.cli import main
+from dfield.edit.spec import parse_spec
+from dfield.edit.build import build_edited
+from dfield.edit.wrappers import EditError
+from dfield.io.run import open_run
+from dfield.core.image_rendering import render_camera
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_untouched_rays_render_as_before(feature_run):
     cams = r.scene.train_cameras()
     a, b = render_camera(r.model, cams, 0), render_camera(edited, cams, 0)
     # Pixels that see only the ground (below the box) keep their colour exactly; some pixels do change.
-    from dfield.edit_views import render_pair, untouched_mask
+    from dfield.edit.locality import render_pair, untouched_mask
 
     keep = untouched_mask(render_pair(edited, cams, 0)["touched"], threshold=0.0)
     assert keep.any() and (~keep).any()

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from dfield.edit_spec import load_spec, parse_spec
-from dfield.edits import (Delete, EditError, Extract, Place, Recolor, affine, color_transfer, hsv_to_rgb, hue_shift,
+from dfield.edit.spec import load_spec, parse_spec
+from dfield.edit.wrappers import (Delete, EditError, Extract, Place, Recolor, affine, color_transfer, hsv_to_rgb, hue_shift,
                           rgb_to_hsv, set_color)
-from dfield.selection import BoxSelection, VoxelSelection, selection_bounds
+from dfield.edit.selection import BoxSelection, VoxelSelection, selection_bounds
 
 
 class Balls:

@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dfield.camera_paths import estimate_up, look_at_centre, orbit_path, spiral_path
+from dfield.core.camera_paths import estimate_up, look_at_centre, orbit_path, spiral_path
 from dfield.data.dataset import Cameras
-from dfield.export import colorize_depth, save_mesh_ply, save_ply, save_png, save_video, to_uint8
+from dfield.io.export import colorize_depth, save_mesh_ply, save_ply, save_png, save_video, to_uint8
 
 
 def test_to_uint8_and_png_roundtrip(tmp_path):

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from dfield.data import load_dataset
-from dfield.distill import add_feature_field, fit_features
-from dfield.evaluate_features import nearest_label, segmentation_eval
-from dfield.lifting import lift_features
+from dfield.features.distill import add_feature_field, fit_features
+from dfield.features.segmentation import nearest_label, segmentation_eval
+from dfield.features.lifting import lift_features
 from dfield.models.grid import GridModel, GridModelConfig
 from dfield.fields.tensorf import TensoRFConfig
-from dfield.rays import Rays
-from dfield.teachers.base import FeatureMaps
-from dfield.train import Trainer
+from dfield.core.rays import Rays
+from dfield.features.teachers.base import FeatureMaps
+from dfield.training.trainer import Trainer
 
 
 def _model(feature_dim=8, teacher_dim=12):
@@ -86,7 +86,7 @@ class _OneHotTeacher:
 @pytest.fixture(scope="module")
 def trained(tiny_scene, tiny_train_config, tmp_path_factory):
     """150 steps with a noise-free one-hot teacher (40 steps give PSNR ~11 dB: too early to judge features)."""
-    import dfield.teachers as teachers
+    import dfield.features.teachers as teachers
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(teachers, "make_teacher", lambda spec, **kw: _OneHotTeacher())
@@ -131,7 +131,7 @@ def test_lifting_and_distillation_on_a_trained_field(trained, tiny_scene):
 
 
 def test_teacher_spec_settings():
-    from dfield.teachers import TeacherError, make_teacher
+    from dfield.features.teachers import TeacherError, make_teacher
 
     t = make_teacher("synthetic:noise=0.8,dim=16")
     assert t.dim == 16 and "noise=0.8" in t.name
@@ -144,7 +144,7 @@ def test_teacher_spec_settings():
 def test_radiance_first_features_get_their_own_schedule_and_background(tiny_scene, tiny_train_config, tmp_path):
     """Features from step 20 of 40: their learning rate starts full at step 20 (not already decayed), and rays
     that miss the shrunk box still teach the decoder what background looks like."""
-    import dfield.teachers as teachers
+    import dfield.features.teachers as teachers
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(teachers, "make_teacher", lambda spec, **kw: _OneHotTeacher())

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dfield.metrics import LPIPS, PeakMemory, lpips_fn, miou, pixel_accuracy, psnr, ssim
+from dfield.core.metrics import LPIPS, PeakMemory, lpips_fn, miou, pixel_accuracy, psnr, ssim
 
 
 def _img(seed, h=40, w=52):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dfield.query import QueryError, QuerySet, click_embedding, cosine_selection, patch_embedding
+from dfield.query.sets import QueryError, QuerySet, click_embedding, cosine_selection, patch_embedding
 
 
 def test_softmax_probability_matches_hand_computation():

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from dfield.cli import main
-from dfield.query import QueryError
-from dfield.query_eval import inscribed_square, iou, object_prompt, query_iou_per_object
-from dfield.query_outputs import relevance, run_query, selection_points
-from dfield.querying import QueryContext, QuerySpec, context, far_clusters, make_query, scene_clusters, spherical_kmeans
-from dfield.run import open_run
-from dfield.teachers import SyntheticTeacher, register_teacher
+from dfield.app.cli import main
+from dfield.query.sets import QueryError
+from dfield.query.evaluation import inscribed_square, iou, object_prompt, query_iou_per_object
+from dfield.query.outputs import relevance, run_query, selection_points
+from dfield.query.builder import QueryContext, QuerySpec, context, far_clusters, make_query, scene_clusters, spherical_kmeans
+from dfield.io.run import open_run
+from dfield.features.teachers import SyntheticTeacher, register_teacher
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ from dfield.fields.tensorf import TensoRFConfig
 from dfield.fields.vm import PLANE_AXES, LINE_AXES, VMVolume, _GatherRows, gather_rows
 from dfield.models.grid import GridModel, GridModelConfig
 from dfield.models.nerf import NeRFModel, NeRFModelConfig, _sample_pdf
-from dfield.rays import Rays
-from dfield.render import composite, scatter_samples, weights_from_density
-from dfield.sampling import OccupancyGrid, march, ray_aabb
+from dfield.core.rays import Rays
+from dfield.core.rendering import composite, scatter_samples, weights_from_density
+from dfield.core.sampling import OccupancyGrid, march, ray_aabb
 
 torch.set_num_threads(1)
 

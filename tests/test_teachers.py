@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from dfield.data.dataset import Cameras, Dataset
-from dfield.metrics import miou
-from dfield.teachers import (FeatureMaps, SyntheticTeacher, Teacher, TeacherError, cached_features, make_teacher,
+from dfield.core.metrics import miou
+from dfield.features.teachers import (FeatureMaps, SyntheticTeacher, Teacher, TeacherError, cached_features, make_teacher,
                              register_teacher, segment)
-from dfield.teachers.synthetic import mode_downsample
+from dfield.features.teachers.synthetic import mode_downsample
 
 
 def make_dataset(images, object_ids=None, names=None) -> Dataset:
@@ -241,8 +241,8 @@ def tiny_clip():
 
 
 def test_clip_maskclip_features(tiny_clip):
-    from dfield.teachers.base import resize_normalize
-    from dfield.teachers.clip import ClipTeacher
+    from dfield.features.teachers.base import resize_normalize
+    from dfield.features.teachers.clip import ClipTeacher
 
     model, tok = tiny_clip
     t = ClipTeacher.from_model(model, tok)
@@ -272,7 +272,7 @@ def test_clip_maskclip_features(tiny_clip):
 
 
 def test_clip_loads_a_local_folder_and_explains_missing_weights(tiny_clip, tmp_path):
-    from dfield.teachers.clip import ClipTeacher
+    from dfield.features.teachers.clip import ClipTeacher
 
     model, tok = tiny_clip
     model.save_pretrained(tmp_path / "clip")
@@ -302,7 +302,7 @@ def dino_dir(tmp_path_factory):
 
 @needs_dinov2
 def test_dinov2_block_features(dino_dir):
-    from dfield.teachers.dinov2_onnx import DinoV2Teacher
+    from dfield.features.teachers.dinov2_onnx import DinoV2Teacher
 
     t = DinoV2Teacher(block=7, input_size=28, threads=1, model_dir=dino_dir)
     assert t.dim == 384 and "block=7" in t.name and "size=28" in t.name
@@ -327,7 +327,7 @@ def test_dinov2_cut_matches_full_graph(dino_dir):
     import onnx
     import onnxruntime as ort
 
-    from dfield.teachers.dinov2_onnx import DinoV2Teacher, block_output_name, preprocess, source_model_path
+    from dfield.features.teachers.dinov2_onnx import DinoV2Teacher, block_output_name, preprocess, source_model_path
 
     t = DinoV2Teacher(block=7, input_size=224, threads=1, model_dir=dino_dir)
     m = onnx.load(str(source_model_path()))
@@ -341,7 +341,7 @@ def test_dinov2_cut_matches_full_graph(dino_dir):
 
 
 def test_dinov2_errors(monkeypatch, tmp_path):
-    from dfield.teachers import dinov2_onnx
+    from dfield.features.teachers import dinov2_onnx
 
     with pytest.raises(TeacherError, match="0..11"):
         dinov2_onnx.cut_model(12, tmp_path)

@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dfield.checkpoint import latest_checkpoint
+from dfield.io.checkpoint import latest_checkpoint
 from dfield.config import load_config, to_dict
-from dfield.evaluate import evaluate_run, evaluate_views
+from dfield.training.evaluate import evaluate_run, evaluate_views
 from dfield.models.nerf import NeRFModelConfig
-from dfield.run import SceneInfo, build_model, open_run
-from dfield.train import Trainer, TrainingDiverged, load_eval_data
+from dfield.io.run import SceneInfo, build_model, open_run
+from dfield.training.trainer import Trainer, TrainingDiverged, load_eval_data
 
 torch.set_num_threads(1)
 
@@ -188,23 +188,23 @@ def test_a_kill_mid_checkpoint_leaves_a_usable_run(run_copy, with_pointer):
 
 def test_a_kill_inside_save_leaves_a_usable_run(run_copy, monkeypatch):
     """A real kill point: step 50's weights are on disk in the temporary folder, its optimiser state is not."""
-    import dfield.checkpoint
+    import dfield.io.checkpoint
 
-    real_save = dfield.checkpoint.save_file
+    real_save = dfield.io.checkpoint.save_file
 
     def save_then_die(tensors, path):
         if ".step_000050.tmp" in path and path.endswith("trainer.safetensors"):
             raise _Killed
         real_save(tensors, path)
 
-    monkeypatch.setattr(dfield.checkpoint, "save_file", save_then_die)
+    monkeypatch.setattr(dfield.io.checkpoint, "save_file", save_then_die)
     ckpts = run_copy / "checkpoints"
     with pytest.raises(_Killed):
         Trainer.resume(run_copy, iterations=60).train(progress=False)
     assert [p.name for p in ckpts.glob(".step_000050.tmp*")] == [f".step_000050.tmp{os.getpid()}"]
     assert latest_checkpoint(ckpts) == ckpts / "step_000040"
 
-    monkeypatch.setattr(dfield.checkpoint, "save_file", real_save)
+    monkeypatch.setattr(dfield.io.checkpoint, "save_file", real_save)
     trainer = Trainer.resume(run_copy, iterations=50)
     assert trainer.step == 40
     trainer.train(progress=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from dfield.rays import Rays
+from dfield.core.rays import Rays
 
 
 class Model(nn.Module):

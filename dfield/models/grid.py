@@ -13,9 +13,9 @@ import torch
 
 from dfield.fields.tensorf import TensoRFConfig, TensoRFField
 from dfield.models.base import Model
-from dfield.rays import Rays
-from dfield.render import render_field
-from dfield.sampling import OccupancyGrid
+from dfield.core.rays import Rays
+from dfield.core.rendering import render_field
+from dfield.core.sampling import OccupancyGrid
 
 
 @dataclass
@@ -183,13 +183,13 @@ class GridModel(Model):
             self.occupancy = OccupancyGrid(tensors["occupancy.aabb"], 2)
             self.occupancy.load({"aabb": tensors["occupancy.aabb"], "occupied": tensors["occupancy.occupied"]})
         if "lifted.grid" in tensors:
-            from dfield.lifting import LiftedFeatures  # lifting builds on this module
+            from dfield.features.lifting import LiftedFeatures  # lifting builds on this module
 
             self.feature_source = LiftedFeatures.from_state({k[len("lifted."):]: v for k, v in tensors.items() if k.startswith("lifted.")})
 
 
 class GridSceneField:
-    """A trained grid model seen as a field (see dfield.render.Field)."""
+    """A trained grid model seen as a field (see dfield.core.rendering.Field)."""
 
     def __init__(self, model: GridModel, decoded: bool = False):
         self.model = model

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from dfield.fields.encoding import encoding_dim, positional_encoding
 from dfield.models.base import Model
-from dfield.rays import Rays
-from dfield.render import composite, weights_from_density
+from dfield.core.rays import Rays
+from dfield.core.rendering import composite, weights_from_density
 
 
 @dataclass

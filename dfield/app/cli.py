@@ -1,0 +1,194 @@
+"""The `dfield` command: thin wrappers over the Python API, one subcommand each."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+import tyro
+from tyro.extras import SubcommandApp
+
+from dfield.config import TrainConfig
+from dfield.data.generate import SceneSpec
+
+app = SubcommandApp()
+Flat = tyro.conf.arg(name="")
+
+
+@app.command
+def train(cfg: Annotated[TrainConfig, Flat], out: Path = Path("runs/latest"), resume: bool = False,
+          overwrite: bool = False, eval: bool = True) -> None:
+    """Fit a radiance field to posed images. Example: dfield train data/lego --downscale 4 --out runs/lego
+
+    Args:
+        out: Run folder: config, checkpoints, logs and evaluation land here.
+        resume: Continue the run in --out from its last checkpoint (its saved config wins).
+        overwrite: Start over in an existing run folder.
+        eval: Evaluate on the test split when training ends.
+    """
+    from dfield.app import api
+
+    api.train(cfg, out, resume=resume, overwrite=overwrite, evaluate=eval)
+
+
+@app.command
+def resume(run: tyro.conf.Positional[Path], iterations: int | None = None, eval: bool = True) -> None:
+    """Continue a killed or finished run from its last checkpoint (optionally to more iterations)."""
+    from dfield.app import api
+
+    api.resume(run, iterations=iterations, evaluate=eval)
+
+
+@app.command(name="eval")
+def eval_(run: tyro.conf.Positional[Path], split: Literal["test", "val", "train"] = "test", every: int | None = None,
+          save_images: bool = False, device: str = "cpu") -> None:
+    """Render held-out views and print PSNR/SSIM/LPIPS; writes RUN/eval.json.
+
+    Args:
+        every: Use every Nth view of the split (default: the run's --test-every).
+        save_images: Also write the rendered views to RUN/eval_images/.
+    """
+    from dfield.app import api
+
+    api.evaluate(run, split=split, every=every, save_images=save_images, device=device)
+
+
+@app.command
+def render(run: tyro.conf.Positional[Path], out: Path | None = None, path: Literal["test", "orbit", "spiral", "train"] = "test",
+           frames: int = 60, every: int = 1, video: bool = True, depth: bool = True, device: str = "cpu",
+           resolution_scale: float = 1.0, mode: Literal["rgb", "features"] = "rgb") -> None:
+    """Render RGB (and depth) images of a trained run along test views or a camera path, as PNG and MP4.
+
+    Args:
+        out: Output folder (default RUN/renders/PATH).
+        path: test/train: the dataset's views; orbit: a circle around the object; spiral: forward-facing spiral.
+        frames: Number of frames for orbit/spiral paths.
+        every: Use every Nth dataset view.
+        resolution_scale: Render orbit/spiral frames at this fraction (or multiple) of the training resolution.
+        mode: rgb: colour; features: the distilled feature field, PCA to RGB with one projection for all views.
+    """
+    from dfield.app import api
+
+    api.render(run, out=out, path=path, frames=frames, every=every, video=video, depth=depth, device=device,
+               resolution_scale=resolution_scale, mode=mode)
+
+
+@app.command(name="generate-scene")
+def generate_scene(out: tyro.conf.Positional[Path], spec: Annotated[SceneSpec, Flat] = SceneSpec()) -> None:
+    """Write a procedural multi-object scene with ground-truth object ids (Blender format)."""
+    from dfield.data.generate import generate_scene as gen
+
+    path = gen(out, spec)
+    print(f"wrote scene to {path}")
+
+
+@app.command
+def demo(out: Path = Path("demo_out"), seed: int = 0, iterations: int | None = None, features: bool = True) -> None:
+    """Generate a scene, train on it, evaluate, render test views and an orbit video, then lift DINOv2 features,
+    run a patch query and one edit of each kind (about 7 minutes on 2 cores).
+
+    Args:
+        features: Also do the features, query and edits part (--no-features: radiance field only, ~5 minutes).
+    """
+    from dfield.app import api
+
+    api.demo(out, seed=seed, iterations=iterations, features=features)
+
+
+@app.command
+def query(run: tyro.conf.Positional[Path], text: tuple[str, ...] = (), patch: tuple[int, int, int, int, int] | None = None,
+          click: tuple[int, int, int] | None = None, negatives: tuple[str, ...] | None = None, threshold: float = 0.5,
+          temperature: float = 0.1, path: Literal["test", "train", "orbit"] = "test", out: Path | None = None,
+          ply: bool = True, eval_objects: bool = False, frames: int = 48,
+          patch_source: Literal["field", "teacher"] = "field") -> None:
+    """Select what matches a text, a box or a click in every view; heatmaps, overlays, masks and a PLY of the region.
+
+    Example: dfield query runs/toy --patch 3 40 40 60 60   (a box on training view 3; --click 3 50 50 for a pixel)
+
+    Args:
+        text: Positive texts (needs a text-aligned teacher such as clip).
+        patch: VIEW X0 Y0 X1 Y1: a box in pixels of training view VIEW.
+        click: VIEW X Y: one pixel of training view VIEW.
+        negatives: auto (clusters of the scene's features unlike the query; the default for boxes and clicks) or
+            texts (the default for text queries: object things stuff texture).
+        threshold: Probability above which a pixel is selected.
+        temperature: Softmax temperature over cosine similarities (lower: sharper boundaries).
+        path: Views to answer on: the test split, the training views, or an orbit.
+        out: Output folder (default RUN/query).
+        ply: Also write selection.ply: the selected pixels back-projected at their rendered depth, all views merged.
+        eval_objects: On generated scenes, also score a box and a click per object against ground truth (IoU).
+        frames: Number of frames for --path orbit.
+        patch_source: Where the box's embedding comes from: the field's rendering or the teacher's own map.
+    """
+    from dfield.query.outputs import run_query
+    from dfield.query.builder import QuerySpec
+
+    neg = "auto" if negatives == ("auto",) else (list(negatives) if negatives is not None else None)
+    spec = QuerySpec(text=list(text), patch=patch, click=click, negatives=neg, threshold=threshold,
+                     temperature=temperature, patch_source=patch_source)
+    run_query(run, spec, path=path, out=out, ply=ply, eval_objects=eval_objects, frames=frames)
+
+
+@app.command
+def distill(run: tyro.conf.Positional[Path], teacher: str, method: Literal["fit", "lift"] = "fit", iterations: int = 1000,
+            dim: int = 32, batch_rays: int = 2048, loss: Literal["l2", "l1"] = "l2", lift_voxels: int = 96**3,
+            device: str = "cpu", threads: int = 0) -> None:
+    """Add teacher features to a trained run and save them into it (features second, or one-pass lifting).
+
+    Example: dfield distill runs/toy --teacher synthetic   (then: dfield render runs/toy --mode features)
+
+    Args:
+        teacher: 2D teacher spec: synthetic, dinov2[:block=7,...], clip[:NAME], files:FOLDER or a registered name.
+        method: fit: train a feature field on the frozen radiance field; lift: average teacher features per voxel in one pass.
+        iterations: Training steps (fit).
+        dim: Width of the feature field (fit); a learned linear decoder maps it to the teacher's width.
+        batch_rays: Rays per step (fit).
+        lift_voxels: Voxels of the lifted grid (lift); only cells a ray reaches are stored, in fp16.
+        threads: CPU threads for PyTorch (0: PyTorch's default).
+    """
+    from dfield.features.distill import distill as add_features
+
+    add_features(run, teacher, method=method, iterations=iterations, dim=dim, batch_rays=batch_rays, loss=loss,
+                 lift_voxels=lift_voxels, device=device, threads=threads)
+
+
+@app.command
+def edit(run: tyro.conf.Positional[Path], spec: Path, out: Path | None = None, path: Literal["test", "orbit"] = "test",
+         frames: int = 48, every: int = 1, video: bool = True, export_mesh: bool = False, mesh_resolution: int = 192,
+         mesh_opacity: float = 0.5, device: str = "cpu") -> None:
+    """Apply an edit spec (JSON/YAML: extract, delete, recolor, transform, composite on text/patch/click/box
+    selections) and render the result beside the original; prints edit locality. See docs/edits.md.
+
+    Args:
+        spec: The edit spec file.
+        out: Output folder (default RUN/edits/SPEC_NAME).
+        path: test: the dataset's test views (scored against ground truth on generated scenes); orbit: a circle.
+        frames: Frames for the orbit.
+        every: Use every Nth test view.
+        export_mesh: Also write a coloured PLY mesh of the edited scene (of the object alone after 'extract').
+        mesh_resolution: Marching-cubes cells along the longest side.
+        mesh_opacity: The surface is where one voxel of the field is this opaque.
+    """
+    from dfield.app import api
+
+    api.edit(run, spec, out=out, path=path, frames=frames, every=every, video=video, export_mesh=export_mesh,
+             mesh_resolution=mesh_resolution, mesh_opacity=mesh_opacity, device=device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dfield.errors import USER_ERRORS, report
+
+    try:
+        app.cli(args=argv, prog="dfield")
+    except USER_ERRORS as e:
+        report(e)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is kept (dfield resume RUN continues)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""`dfield eval`: image metrics on held-out views, printed and written to RUN/eval.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from dfield.io.checkpoint import atomic_write_text
+from dfield.data.dataset import Dataset
+from dfield.core.metrics import lpips_fn, psnr, ssim
+from dfield.models.base import Model
+from dfield.core.image_rendering import ndc_of, render_camera
+
+
+def evaluate_views(model: Model, data: Dataset, device="cpu", with_ssim: bool = True, with_lpips: bool = True,
+                   save_dir: Path | None = None, chunk: int = 8192) -> dict:
+    """Render every view of `data` and compare with its images. Returns means and per-view figures."""
+    lp, lp_reason = lpips_fn(device) if with_lpips else (None, "not asked for")
+    per_view = []
+    t0 = time.perf_counter()
+    for i in range(len(data)):
+        out = render_camera(model, data.cameras, i, ndc_of(data), chunk, device)
+        gt = data.images[i].float() / 255.0
+        row = {"view": i, "file": str(data.image_paths[i]) if data.image_paths else "", "psnr": psnr(out["rgb"], gt)}
+        if with_ssim:
+            row["ssim"] = ssim(out["rgb"], gt)
+        if lp is not None:
+            row["lpips"] = lp(out["rgb"], gt)
+        per_view.append(row)
+        if save_dir is not None:
+            from dfield.io.export import save_png
+
+            save_png(Path(save_dir) / f"{i:03d}.png", out["rgb"])
+    render_s = time.perf_counter() - t0
+    summary = {k: _mean([r[k] for r in per_view]) for k in ("psnr", "ssim", "lpips") if per_view and k in per_view[0]}
+    if lp is None:
+        summary["lpips"] = None
+        summary["lpips_note"] = lp_reason
+    summary.update({"views": len(per_view), "render_seconds_per_view": render_s / max(1, len(per_view)), "per_view": per_view})
+    return summary
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def write_eval(run_dir: Path, results: dict) -> Path:
+    path = Path(run_dir) / "eval.json"
+    atomic_write_text(path, json.dumps(results, indent=1))
+    return path
+
+
+def format_summary(results: dict) -> str:
+    lines = [f"views            {results['views']}", f"PSNR             {results['psnr']:.2f} dB"]
+    if "ssim" in results:
+        lines.append(f"SSIM             {results['ssim']:.4f}")
+    lpips = results.get("lpips")
+    lines.append(f"LPIPS            {lpips:.4f}" if lpips is not None else f"LPIPS            n/a ({results.get('lpips_note', '')})")
+    if "train_seconds" in results:
+        lines.append(f"trained          {results['train_seconds']:.1f} s, {results['step']} steps")
+    if results.get("peak_rss_bytes"):
+        lines.append(f"peak memory      {results['peak_rss_bytes'] / 2**30:.2f} GiB (training process)")
+    lines.append(f"render           {results['render_seconds_per_view']:.2f} s/view")
+    seg = results.get("segmentation")
+    if seg:
+        lines.append(f"3D segmentation  mIoU {seg['field_miou']:.3f} (teacher 2D {seg['teacher_miou']:.3f}), "
+                     f"accuracy {seg['field_accuracy']:.3f} (teacher {seg['teacher_accuracy']:.3f})")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def evaluate_run(run_dir, split: str = "test", device: str = "cpu", every: int | None = None, save_images: bool = False,
+                 with_lpips: bool = True) -> dict:
+    from dfield.io.run import open_run
+    from dfield.training.trainer import load_eval_data
+
+    run = open_run(run_dir, device)
+    if every is not None:
+        run.cfg.data.test_every = every
+    data = load_eval_data(run.cfg, split)
+    save_dir = Path(run_dir) / "eval_images" if save_images else None
+    res = evaluate_views(run.model, data, device, with_lpips=with_lpips, save_dir=save_dir)
+    res.update({"split": split, "step": run.step, "train_seconds": run.meta.get("seconds"),
+                "peak_rss_bytes": run.meta.get("peak_rss_bytes"), "model": run.cfg.model})
+    if run.cfg.features.teacher and data.object_ids is not None:
+        from dfield.features.segmentation import segmentation_eval
+        from dfield.features.teachers import make_teacher
+
+        teacher = make_teacher(run.cfg.features.teacher)
+        if hasattr(teacher, "object_embeddings"):
+            res["segmentation"] = segmentation_eval(run.model, data, teacher, device)
+    write_eval(run_dir, res)
+    return res
