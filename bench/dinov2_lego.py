@@ -50,12 +50,12 @@ def main() -> None:
     print(f"{teacher.name}: {len(data)} views -> maps {tuple(maps.maps.shape)}; computed in {first:.1f} s, reused in {second:.2f} s")
 
     if args.run is not None:
-        from dfield.features.distill import add_feature_field, fit_features
+        from dfield.features.fitting import add_feature_field, fit_features
         from dfield.io.export import save_png
         from dfield.features.pca import FeaturePCA
         from dfield.io.run import open_run
-        from dfield.training.trainer import load_eval_data
-        from dfield.core.image_rendering import render_camera
+        from dfield.io.run import load_eval_data
+        from dfield.core.image_rendering import render_image
 
         r = open_run(args.run)
         add_feature_field(r.model, 64, teacher.dim)
@@ -63,7 +63,7 @@ def main() -> None:
         r.model.eval()
         test = load_eval_data(r.cfg)
         views = list(range(0, len(test), max(1, len(test) // 4)))[:4]
-        renders = [render_camera(r.model, test.cameras, i, features=True) for i in views]
+        renders = [render_image(r.model, test.cameras, i, features=True) for i in views]
         pca = FeaturePCA(torch.cat([o["feature"][o["acc"] > 0.5] for o in renders]))
         tiles = []  # per test view, top to bottom: ground truth, rendered colour, rendered features (PCA)
         for o, i in zip(renders, views):

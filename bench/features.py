@@ -26,12 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dfield.app import api  # noqa: E402
 from dfield.data.generate import SceneSpec, generate_scene  # noqa: E402
-from dfield.features.distill import add_feature_field, fit_features  # noqa: E402
+from dfield.features.fitting import add_feature_field, fit_features  # noqa: E402
 from dfield.features.segmentation import segmentation_eval  # noqa: E402
 from dfield.features.lifting import lift_features  # noqa: E402
 from dfield.io.run import open_run  # noqa: E402
 from dfield.features.teachers import cached_features, make_teacher  # noqa: E402
-from dfield.training.trainer import feature_cache_dir, load_eval_data, load_train_data  # noqa: E402
+from dfield.features.teachers import feature_cache_dir  # noqa: E402
+from dfield.io.run import load_eval_data, load_train_data  # noqa: E402
 
 
 def main() -> None:
@@ -68,7 +69,7 @@ def main() -> None:
     seg_d = segmentation_eval(distilled, test, teacher)
 
     lifted = lift_features(r.model, train, maps, n_voxels=args.lift_voxels)
-    r.model.feature_source = lifted.features
+    r.model.lifted = lifted.features
     seg_l = segmentation_eval(r.model, test, teacher)
 
     rows = [

@@ -27,7 +27,9 @@ from dfield.config import DataConfig, TrainConfig, to_dict
 from dfield.training.evaluate import evaluate_views
 from dfield.core.metrics import PeakMemory
 from dfield.models.nerf import NeRFModelConfig
-from dfield.training.trainer import Trainer, TrainingDiverged, load_eval_data
+from dfield.training.trainer import Trainer
+from dfield.errors import TrainingDiverged
+from dfield.io.run import load_eval_data
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared/data/blender_lego_400"

@@ -32,7 +32,8 @@ from dfield.training.evaluate import evaluate_views  # noqa: E402
 from dfield.features.segmentation import segmentation_eval  # noqa: E402
 from dfield.io.run import open_run  # noqa: E402
 from dfield.features.teachers import make_teacher  # noqa: E402
-from dfield.training.trainer import Trainer, load_eval_data  # noqa: E402
+from dfield.training.trainer import Trainer  # noqa: E402
+from dfield.io.run import load_eval_data  # noqa: E402
 
 
 def train(scene: Path, out: Path, args, teacher: str, start_step: int = 0) -> float:

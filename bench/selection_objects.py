@@ -29,10 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dfield.edit.spec import parse_select, parse_spec  # noqa: E402
 from dfield.edit.locality import best_object, json_number, locality, object_overlaps, render_pair  # noqa: E402
 from dfield.edit.build import build_edited, make_selection  # noqa: E402
-from dfield.edit.wrappers import EditError  # noqa: E402
-from dfield.query.sets import QueryError  # noqa: E402
-from dfield.query.evaluation import iou, object_prompt, query_iou_per_object  # noqa: E402
-from dfield.query.builder import context  # noqa: E402
+from dfield.errors import EditError  # noqa: E402
+from dfield.errors import QueryError  # noqa: E402
+from dfield.core.metrics import iou  # noqa: E402
+from dfield.query.evaluation import object_prompt, query_iou_per_object  # noqa: E402
+from dfield.query.context import context  # noqa: E402
 from dfield.core.rays import camera_image_rays  # noqa: E402
 from dfield.core.rendering import render_field  # noqa: E402
 from dfield.core.image_rendering import ndc_of  # noqa: E402

@@ -1,9 +1,11 @@
-"""Typed training configuration, serialised into every run folder as config.json."""
+"""Typed training configuration: the dataclasses the CLI is generated from and every run folder stores as
+config.json (`dfield.io.run.save_config` / `load_config`), and their conversion to and from plain dicts.
+
+Sits above the models (it holds their settings) and below io (which reads and writes it)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -74,6 +76,8 @@ class TrainConfig:
 
 
 def to_dict(cfg) -> dict:
+    """A (nested) dataclass -> JSON-able dict (paths as strings, tuples as lists)."""
+
     def conv(v):
         if dataclasses.is_dataclass(v):
             return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
@@ -103,13 +107,3 @@ def from_dict(cls, d: dict):
             v = Path(v)
         kwargs[name] = v
     return cls(**kwargs)
-
-
-def save_config(cfg: TrainConfig, path: Path) -> None:
-    from dfield.io.checkpoint import atomic_write_text
-
-    atomic_write_text(path, json.dumps(to_dict(cfg), indent=1))
-
-
-def load_config(path: Path) -> TrainConfig:
-    return from_dict(TrainConfig, json.loads(Path(path).read_text()))

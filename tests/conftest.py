@@ -132,5 +132,5 @@ def feature_run(tiny_scene, tiny_train_config, tmp_path_factory, teacher_cache):
         cfg.features.teacher = "synthetic"
         cfg.features.dim = 8
         run = tmp_path_factory.mktemp("qrun") / "run"
-        Trainer.create(cfg, run).train(progress=False)
+        Trainer.create(cfg, run).train()
         yield run

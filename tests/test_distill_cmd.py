@@ -17,13 +17,13 @@ from dfield.io.checkpoint import latest_checkpoint
 from dfield.app.cli import main
 from dfield.data import load_dataset
 from dfield.features.distill import distill
-from dfield.features.lifting import LiftedFeatures
+from dfield.fields.lifted import LiftedFeatures
 from dfield.core.rays import image_rays
 from dfield.io.run import open_run
 from dfield.training.trainer import Trainer
 
-FAST = dict(iterations=4, batch_rays=128, dim=8, progress=False)
-LIFT = dict(method="lift", lift_voxels=12**3, batch_rays=128, progress=False)
+FAST = dict(iterations=4, batch_rays=128, dim=8)
+LIFT = dict(method="lift", lift_voxels=12**3, batch_rays=128)
 FEATURE_KEYS = ("field.feature", "decoder", "extra.lifted")
 
 
@@ -31,7 +31,7 @@ FEATURE_KEYS = ("field.feature", "decoder", "extra.lifted")
 def base_run(tiny_scene, tiny_train_config, tmp_path_factory):
     """A radiance-only run of 80 steps, enough for opaque pixels in the test views (read-only: tests copy it)."""
     run = tmp_path_factory.mktemp("distill") / "run"
-    Trainer.create(tiny_train_config(tiny_scene, iterations=80), run).train(progress=False)
+    Trainer.create(tiny_train_config(tiny_scene, iterations=80), run).train()
     return run
 
 
@@ -91,7 +91,7 @@ def test_fit_round_trips_and_leaves_radiance_untouched(run, tiny_scene):
 def test_lift_round_trips_in_teacher_space(run, tiny_scene):
     d = distill(run, "synthetic", **LIFT)
     r = open_run(run)
-    assert isinstance(r.model.feature_source, LiftedFeatures) and r.model.decoder is None
+    assert isinstance(r.model.lifted, LiftedFeatures) and r.model.decoder is None
     assert torch.equal(_features(d.model, tiny_scene), _features(r.model, tiny_scene))
     saved = _tensors(run)
     assert saved["extra.lifted.grid"].dtype == torch.float16
@@ -99,23 +99,23 @@ def test_lift_round_trips_in_teacher_space(run, tiny_scene):
     f = json.loads((run / "config.json").read_text())["features"]
     assert (f["teacher"], f["dim"], f["teacher_dim"], f["method"]) == ("synthetic", 0, 32, "lift")
     summary = json.loads((run / "distill.json").read_text())
-    assert summary["lift_cells"] == int((r.model.feature_source.rows > 0).sum()) > 0
+    assert summary["lift_cells"] == int((r.model.lifted.rows > 0).sum()) > 0
 
 
 def test_switching_methods_replaces_the_features(run, tiny_scene):
     distill(run, "synthetic", **LIFT)
     distill(run, "synthetic", **FAST)
     r = open_run(run)
-    assert r.model.feature_source is None and r.model.decoder is not None
+    assert r.model.lifted is None and r.model.decoder is not None
     assert not any(k.startswith("extra.lifted") for k in _tensors(run))
     distill(run, "synthetic", **LIFT)
     assert open_run(run).model.decoder is None
 
 
 def test_a_joint_run_can_be_distilled_again(run, tiny_scene):
-    api.resume(run, iterations=85, evaluate=False, progress=False)  # a few more radiance steps first
+    api.resume(run, iterations=85, evaluate=False)  # a few more radiance steps first
     distill(run, "synthetic", **FAST)
-    api.resume(run, iterations=90, evaluate=False, progress=False)  # now joint: features keep training
+    api.resume(run, iterations=90, evaluate=False)  # now joint: features keep training
     d = distill(run, "synthetic:noise=0.1", **FAST)
     assert d.summary["step"] == 90
     assert open_run(run).cfg.features.teacher == "synthetic:noise=0.1"
@@ -130,7 +130,7 @@ def test_resume_after_fit_trains_on_jointly(run):
     new = load_file(str(latest_checkpoint(run / "checkpoints") / "trainer.safetensors"))
     # Radiance Adam moments carried over (density planes are the optimiser's first parameter).
     assert torch.equal(new["optim.0.exp_avg"], old["optim.0.exp_avg"])
-    api.resume(run, iterations=90, evaluate=False, progress=False)
+    api.resume(run, iterations=90, evaluate=False)
     r = open_run(run)
     assert r.step == 90 and r.model.decoder is not None and r.cfg.features.method == "fit"
     last = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
@@ -139,11 +139,11 @@ def test_resume_after_fit_trains_on_jointly(run):
 
 def test_resume_after_lift_keeps_the_lifted_grid(run, capsys):
     distill(run, "synthetic", **LIFT)
-    grid = open_run(run).model.feature_source.grid
-    api.resume(run, iterations=90, evaluate=False, progress=False)
+    grid = open_run(run).model.lifted.grid
+    api.resume(run, iterations=90, evaluate=False)
     assert "--method lift" in capsys.readouterr().err  # says how to lift again from the refined field
     r = open_run(run)
-    assert r.step == 90 and torch.equal(r.model.feature_source.grid, grid)
+    assert r.step == 90 and torch.equal(r.model.lifted.grid, grid)
     last = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
     assert "feature_loss" not in last  # nothing to fit: the grid is data, not parameters
 
@@ -152,19 +152,19 @@ def test_resume_after_lift_keeps_the_lifted_grid(run, capsys):
 
 
 def test_kill_between_checkpoint_and_config_leaves_a_working_run(run, monkeypatch, tiny_scene):
-    import dfield.config
+    import dfield.features.distill
 
     def killed(*a, **kw):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(dfield.config, "save_config", killed)
+        m.setattr(dfield.features.distill, "save_config", killed)
         with pytest.raises(KeyboardInterrupt):
             distill(run, "synthetic", **FAST)
     assert json.loads((run / "config.json").read_text())["features"]["teacher"] == ""  # config not reached
     r = open_run(run)  # the checkpoint's feature settings win
     assert r.cfg.features.method == "fit" and _features(r.model, tiny_scene).shape[-1] == 32
-    api.resume(run, iterations=85, evaluate=False, progress=False)  # and resume repairs config.json
+    api.resume(run, iterations=85, evaluate=False)  # and resume repairs config.json
     assert json.loads((run / "config.json").read_text())["features"]["method"] == "fit"
 
 

@@ -10,9 +10,9 @@ import torch
 from dfield.app.cli import main
 from dfield.edit.spec import parse_spec
 from dfield.edit.build import build_edited
-from dfield.edit.wrappers import EditError
+from dfield.errors import EditError
 from dfield.io.run import open_run
-from dfield.core.image_rendering import render_camera
+from dfield.core.image_rendering import render_image
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_untouched_rays_render_as_before(feature_run):
     r = open_run(feature_run)
     edited = build_edited(r, parse_spec({"edits": [{"op": "delete", "select": BOX}]}))
     cams = r.scene.train_cameras()
-    a, b = render_camera(r.model, cams, 0), render_camera(edited, cams, 0)
+    a, b = render_image(r.model, cams, 0), render_image(edited, cams, 0)
     # Pixels that see only the ground (below the box) keep their colour exactly; some pixels do change.
     from dfield.edit.locality import render_pair, untouched_mask
 
@@ -70,7 +70,7 @@ def test_query_selections_and_composite(feature_run, tmp_path):
     edited = build_edited(r, edits)
     assert edited.field.aabb[1, 2] > r.model.field.aabb[1, 2]  # the box grew to hold the inserted copy
     cams = r.scene.train_cameras()
-    out = render_camera(edited, cams, 0)
+    out = render_image(edited, cams, 0)
     assert torch.isfinite(out["rgb"]).all()
 
 

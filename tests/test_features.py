@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from dfield.data import load_dataset
-from dfield.features.distill import add_feature_field, fit_features
+from dfield.features.fitting import fit_features
 from dfield.features.segmentation import nearest_label, segmentation_eval
 from dfield.features.lifting import lift_features
 from dfield.models.grid import GridModel, GridModelConfig
 from dfield.fields.tensorf import TensoRFConfig
 from dfield.core.rays import Rays
-from dfield.features.teachers.base import FeatureMaps
+from dfield.features.teachers import Teacher, registry
+from dfield.features.teachers.cache import FeatureMaps
 from dfield.training.trainer import Trainer
 
 
@@ -71,10 +72,10 @@ def test_nearest_label_picks_most_similar():
     assert nearest_label(f, emb, torch.arange(3)).tolist() == [0, 2]
 
 
-class _OneHotTeacher:
+class _OneHotTeacher(Teacher):
     """A noise-free teacher: the one-hot of the ground-truth id at every pixel."""
 
-    name, dim = "onehot", 8
+    name, dim, uses_object_ids = "onehot", 8, True
 
     def encode(self, images, object_ids=None):
         return torch.nn.functional.one_hot(object_ids.long(), 8).float()
@@ -83,19 +84,21 @@ class _OneHotTeacher:
         return torch.eye(8)
 
 
+def _register_onehot(mp: pytest.MonkeyPatch, cache) -> None:
+    """The one-hot teacher under the name "onehot" (what a user's register_teacher does), with its own cache."""
+    mp.setitem(registry._REGISTRY, "onehot", _OneHotTeacher)
+    mp.setenv("DFIELD_CACHE_DIR", str(cache))
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_scene, tiny_train_config, tmp_path_factory):
     """150 steps with a noise-free one-hot teacher (40 steps give PSNR ~11 dB: too early to judge features)."""
-    import dfield.features.teachers as teachers
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(teachers, "make_teacher", lambda spec, **kw: _OneHotTeacher())
-        mp.setattr(teachers, "cached_features", lambda t, data, cache, **kw: FeatureMaps(
-            t.encode(data.images, data.object_ids).numpy().astype(np.float16), (data.width, data.height)))
+        _register_onehot(mp, tmp_path_factory.mktemp("onehot_cache"))
         cfg = tiny_train_config(tiny_scene, iterations=150)
         cfg.features.teacher, cfg.features.dim = "onehot", 8
         tr = Trainer.create(cfg, tmp_path_factory.mktemp("feat") / "run")
-        tr.train(progress=False)
+        tr.train()
     return tr
 
 
@@ -116,12 +119,12 @@ def test_lifting_and_distillation_on_a_trained_field(trained, tiny_scene):
 
     lifted = lift_features(model, train, maps, n_voxels=16**3)
     assert lifted.grid.shape[1] == 8 and torch.isfinite(lifted.grid).all()
-    model.feature_source = lifted.features
+    model.lifted = lifted
     seg_l = segmentation_eval(model, load_dataset(tiny_scene, "test"), _OneHotTeacher())
     assert seg_l["field_miou"] > 0.4
-    model.feature_source = None
+    model.lifted = None
 
-    add_feature_field(model, 8, 8, comp=4)
+    model.add_feature_field(8, 8, comp=4)
     fit = fit_features(model, train, maps, iterations=30, batch_rays=256)
     assert np.isfinite(fit["loss"])
     after = model.state_dict()  # features second: density and colour untouched, bit for bit
@@ -144,12 +147,8 @@ def test_teacher_spec_settings():
 def test_radiance_first_features_get_their_own_schedule_and_background(tiny_scene, tiny_train_config, tmp_path):
     """Features from step 20 of 40: their learning rate starts full at step 20 (not already decayed), and rays
     that miss the shrunk box still teach the decoder what background looks like."""
-    import dfield.features.teachers as teachers
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(teachers, "make_teacher", lambda spec, **kw: _OneHotTeacher())
-        mp.setattr(teachers, "cached_features", lambda t, data, cache, **kw: FeatureMaps(
-            t.encode(data.images, data.object_ids).numpy().astype(np.float16), (data.width, data.height)))
+        _register_onehot(mp, tmp_path / "cache")
         cfg = tiny_train_config(tiny_scene, iterations=40)
         cfg.features.teacher, cfg.features.dim, cfg.features.start_step = "onehot", 8, 20
         tr = Trainer.create(cfg, tmp_path / "run")

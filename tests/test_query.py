@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from dfield.query.sets import QueryError, QuerySet, click_embedding, cosine_selection, patch_embedding
+from dfield.errors import QueryError
+from dfield.query.sets import QuerySet, click_embedding, cosine_selection, patch_embedding
 
 
 def test_softmax_probability_matches_hand_computation():

@@ -9,10 +9,15 @@ import pytest
 import torch
 
 from dfield.app.cli import main
-from dfield.query.sets import QueryError
-from dfield.query.evaluation import inscribed_square, iou, object_prompt, query_iou_per_object
-from dfield.query.outputs import relevance, run_query, selection_points
-from dfield.query.builder import QueryContext, QuerySpec, context, far_clusters, make_query, scene_clusters, spherical_kmeans
+from dfield.errors import QueryError
+from dfield.query.evaluation import inscribed_square, object_prompt, query_iou_per_object
+from dfield.core.metrics import iou
+from dfield.query.relevance import relevance
+from dfield.query.outputs import run_query, selection_points
+from dfield.query.context import QueryContext, context
+from dfield.query.spec import QuerySpec
+from dfield.query.clusters import far_clusters, scene_clusters, spherical_kmeans
+from dfield.query.builder import make_query
 from dfield.io.run import open_run
 from dfield.features.teachers import SyntheticTeacher, register_teacher
 

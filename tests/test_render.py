@@ -394,9 +394,11 @@ def test_grid_model_schedule_upsamples_and_shrinks():
     res0 = model.field.res
     # Density only in a ball, so the box has somewhere to shrink to.
     model.field.density = lambda x: 50.0 * ((x - 0.2).norm(dim=-1) < 0.3).float()
-    changed = [model.on_step(s) for s in range(12)]
+    steps = [model.schedule.before_step(model, s) for s in range(12)]
+    changed = [c.reshaped for c in steps]
     assert changed[4] and changed[10]  # shrink at 4, upsample at 10: the optimiser must be rebuilt
     assert not any(changed[s] for s in (0, 1, 2, 3, 5, 6, 7, 8, 9, 11))
+    assert [s for s, c in enumerate(steps) if c.shrunk] == [4]  # only the shrink lets the trainer skip missed rays
     assert model.shrunk and model.occupancy is not None
     size = model.field.aabb[1] - model.field.aabb[0]
     assert (size < 2.0).all()

@@ -120,7 +120,7 @@ def test_cache_reused_and_invalidated(tmp_path):
     images = random_images(5)
     ds = make_dataset(images)
     t = CountingTeacher()
-    fm = cached_features(t, ds, tmp_path, batch=2, progress=False)
+    fm = cached_features(t, ds, tmp_path, batch=2)
     assert t.calls == 3 and isinstance(fm, FeatureMaps)
     assert fm.maps.shape == (5, 4, 6, 3) and fm.maps.dtype == np.float16 and isinstance(fm.maps, np.memmap)
     assert fm.resolution == (6, 4) and fm.dim == 3 and len(fm) == 5
@@ -128,16 +128,16 @@ def test_cache_reused_and_invalidated(tmp_path):
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".npy"]  # no temp files left
 
     t.calls = 0
-    again = cached_features(t, ds, tmp_path, batch=2, progress=False)
+    again = cached_features(t, ds, tmp_path, batch=2)
     assert t.calls == 0 and again.path == fm.path
 
     changed = images.clone()
     changed[4, 7, 11, 2] ^= 1
-    cached_features(t, make_dataset(changed), tmp_path, progress=False)
+    cached_features(t, make_dataset(changed), tmp_path)
     assert t.calls == 1  # one batch of 5 views
 
     other = CountingTeacher("b")
-    cached_features(other, ds, tmp_path, progress=False)
+    cached_features(other, ds, tmp_path)
     assert other.calls == 1
     assert len(list(tmp_path.glob("*.npy"))) == 3
 
@@ -147,13 +147,13 @@ def test_cache_keys_object_ids_for_teachers_that_read_them(tmp_path):
     ids[:, :, 4:] = 2
     ds = make_dataset(random_images(2, 8, 8), ids)
     t = SyntheticTeacher(resolution_scale=0.5)
-    a = cached_features(t, ds, tmp_path, progress=False)
+    a = cached_features(t, ds, tmp_path)
     ids2 = ids.clone()
     ids2[1, 0, 0] = 3
-    b = cached_features(t, make_dataset(ds.images, ids2), tmp_path, progress=False)
+    b = cached_features(t, make_dataset(ds.images, ids2), tmp_path)
     assert a.path != b.path
     with pytest.raises(TeacherError, match="object ids"):
-        cached_features(t, make_dataset(ds.images), tmp_path, progress=False)
+        cached_features(t, make_dataset(ds.images), tmp_path)
 
 
 def test_feature_maps_sample_bilinear():
@@ -191,19 +191,19 @@ def test_file_teacher(tmp_path):
     save_file({"features": feats[2]}, str(folder / "c.safetensors"))
     t = make_teacher(f"files:{folder}")
     assert t.dim == 5 and t.name.startswith("files:")
-    fm = cached_features(t, ds, tmp_path / "cache", progress=False)
+    fm = cached_features(t, ds, tmp_path / "cache")
     np.testing.assert_allclose(fm.maps.astype(np.float32), feats, atol=2e-3)
-    assert cached_features(t, ds, tmp_path / "cache", progress=False).path == fm.path
+    assert cached_features(t, ds, tmp_path / "cache").path == fm.path
 
     with pytest.raises(TeacherError, match="d.npy"):
-        cached_features(t, make_dataset(random_images(1), names=["d.png"]), tmp_path / "cache", progress=False)
+        cached_features(t, make_dataset(random_images(1), names=["d.png"]), tmp_path / "cache")
     np.save(folder / "b.npy", feats[1])
     np.save(folder / "train" / "b.npy", feats[1][..., :4])
     with pytest.raises(TeacherError, match="D=4"):
-        cached_features(t, ds, tmp_path / "cache", progress=False)
+        cached_features(t, ds, tmp_path / "cache")
     np.save(folder / "train" / "b.npy", feats[1][:1])
     with pytest.raises(TeacherError, match="one shape"):
-        cached_features(t, ds, tmp_path / "cache", progress=False)
+        cached_features(t, ds, tmp_path / "cache")
     with pytest.raises(TeacherError, match="does not exist"):
         make_teacher("files:" + str(tmp_path / "nope"))
 

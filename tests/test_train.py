@@ -12,11 +12,14 @@ import torch
 from safetensors.torch import load_file
 
 from dfield.io.checkpoint import latest_checkpoint
-from dfield.config import load_config, to_dict
+from dfield.io.run import load_config
+from dfield.config import to_dict
 from dfield.training.evaluate import evaluate_run, evaluate_views
 from dfield.models.nerf import NeRFModelConfig
 from dfield.io.run import SceneInfo, build_model, open_run
-from dfield.training.trainer import Trainer, TrainingDiverged, load_eval_data
+from dfield.training.trainer import Trainer
+from dfield.errors import TrainingDiverged
+from dfield.io.run import load_eval_data
 
 torch.set_num_threads(1)
 
@@ -55,7 +58,7 @@ def trained_run(tiny_scene, tiny_train_config, tmp_path_factory):
     """40 steps straight through: occupancy from step 5, upsamples at 10 and 20, shrink at 15."""
     run = tmp_path_factory.mktemp("trained") / "run"
     trainer = Trainer.create(tiny_train_config(tiny_scene), run)
-    trainer.train(progress=False)
+    trainer.train()
     assert trainer.step == 40
     return run
 
@@ -102,10 +105,10 @@ def test_resume_after_a_kill_matches_a_straight_run(trained_run, tiny_scene, tin
     """Killed at 13 (resumes from 10, before the shrink) or 27 (from 20, after it, before the second upsample)."""
     run = tmp_path / "run"
     with pytest.raises(_Killed):
-        Trainer.create(tiny_train_config(tiny_scene), run).train(hooks=[_kill_at(kill_at)], progress=False)
+        Trainer.create(tiny_train_config(tiny_scene), run).train(hooks=[_kill_at(kill_at)])
     trainer = Trainer.resume(run)
     assert trainer.step == kill_at // 10 * 10
-    trainer.train(progress=False)
+    trainer.train()
     assert trainer.step == 40
 
     a_model, a_trainer, a_meta = _checkpoint_tensors(trained_run, "step_000040")
@@ -122,13 +125,13 @@ def test_stop_then_resume_with_more_iterations_matches_a_straight_run(tiny_scene
     first 20 steps of a 20-step run decay further than the first 20 of a 40-step one.)
     """
     straight = Trainer.create(tiny_train_config(tiny_scene, lr_final_ratio=1.0), tmp_path / "a")
-    straight.train(progress=False)
+    straight.train()
     stopped = Trainer.create(tiny_train_config(tiny_scene, lr_final_ratio=1.0, iterations=20), tmp_path / "b")
-    stopped.train(progress=False)
+    stopped.train()
     assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step_000020"
     resumed = Trainer.resume(tmp_path / "b", iterations=40)
     assert resumed.step == 20
-    resumed.train(progress=False)
+    resumed.train()
     a_model, a_trainer, _ = _checkpoint_tensors(tmp_path / "a")
     b_model, b_trainer, _ = _checkpoint_tensors(tmp_path / "b")
     _assert_same_tensors(b_model, a_model)
@@ -140,12 +143,12 @@ def test_nerf_model_trains_and_resumes(tiny_scene, tiny_train_config, tmp_path):
         return tiny_train_config(tiny_scene, model="nerf", iterations=4, batch_rays=32, checkpoint_every=2, log_every=1,
                                  nerf=NeRFModelConfig(depth=2, width=16, n_coarse=8, n_fine=8))
 
-    Trainer.create(cfg(), tmp_path / "a").train(progress=False)
+    Trainer.create(cfg(), tmp_path / "a").train()
     with pytest.raises(_Killed):
-        Trainer.create(cfg(), tmp_path / "b").train(hooks=[_kill_at(3)], progress=False)
+        Trainer.create(cfg(), tmp_path / "b").train(hooks=[_kill_at(3)])
     trainer = Trainer.resume(tmp_path / "b")
     assert trainer.step == 2
-    trainer.train(progress=False)
+    trainer.train()
     a_model, a_trainer, _ = _checkpoint_tensors(tmp_path / "a")
     b_model, b_trainer, _ = _checkpoint_tensors(tmp_path / "b")
     _assert_same_tensors(b_model, a_model)
@@ -156,7 +159,7 @@ def test_nerf_model_trains_and_resumes(tiny_scene, tiny_train_config, tmp_path):
 def test_a_longer_run_survives_a_second_kill(run_copy):
     """`resume(iterations=45)`, killed at 43: a plain resume afterwards still trains to 45, not the saved 40."""
     with pytest.raises(_Killed):
-        Trainer.resume(run_copy, iterations=45).train(hooks=[_kill_at(43)], progress=False)
+        Trainer.resume(run_copy, iterations=45).train(hooks=[_kill_at(43)])
     trainer = Trainer.resume(run_copy)
     assert trainer.step == 40
     assert trainer.cfg.iterations == 45
@@ -180,7 +183,7 @@ def test_a_kill_mid_checkpoint_leaves_a_usable_run(run_copy, with_pointer):
 
     trainer = Trainer.resume(run_copy, iterations=45)
     assert trainer.step == 40
-    trainer.train(progress=False)
+    trainer.train()
     assert latest_checkpoint(ckpts) == ckpts / "step_000045"
     assert (ckpts / "latest").read_text() == "step_000045"
     assert open_run(run_copy).step == 45
@@ -200,14 +203,14 @@ def test_a_kill_inside_save_leaves_a_usable_run(run_copy, monkeypatch):
     monkeypatch.setattr(dfield.io.checkpoint, "save_file", save_then_die)
     ckpts = run_copy / "checkpoints"
     with pytest.raises(_Killed):
-        Trainer.resume(run_copy, iterations=60).train(progress=False)
+        Trainer.resume(run_copy, iterations=60).train()
     assert [p.name for p in ckpts.glob(".step_000050.tmp*")] == [f".step_000050.tmp{os.getpid()}"]
     assert latest_checkpoint(ckpts) == ckpts / "step_000040"
 
     monkeypatch.setattr(dfield.io.checkpoint, "save_file", real_save)
     trainer = Trainer.resume(run_copy, iterations=50)
     assert trainer.step == 40
-    trainer.train(progress=False)
+    trainer.train()
     assert latest_checkpoint(ckpts) == ckpts / "step_000050"
     assert not list(ckpts.glob(".step_*"))  # the same process rewrote and published it
 
@@ -226,7 +229,7 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(run_copy):
 
     trainer.model.render_rays = poisoned
     with pytest.raises(TrainingDiverged) as err:
-        trainer.train(progress=False)
+        trainer.train()
     msg = str(err.value)
     assert "step 44" in msg and str(ckpts) in msg and "nan" in msg.lower()
     assert trainer.step == 44
@@ -238,7 +241,7 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(run_copy):
 def test_max_seconds_stops_early_and_checkpoints(tiny_scene, tiny_train_config, tmp_path):
     cfg = tiny_train_config(tiny_scene, iterations=100_000, max_seconds=0.5, checkpoint_every=100_000, log_every=100_000)
     trainer = Trainer.create(cfg, tmp_path / "run")
-    trainer.train(progress=False)
+    trainer.train()
     assert 0 < trainer.step < 100_000 and trainer.seconds >= 0.5
     ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert ckpt is not None and ckpt.name == f"step_{trainer.step:06d}"

@@ -1,4 +1,4 @@
-"""The `dfield` command: thin wrappers over the Python API, one subcommand each."""
+"""The `dfield` command: thin wrappers over the Python API (dfield.app.api), one subcommand each."""
 
 from __future__ import annotations
 
@@ -9,8 +9,13 @@ from typing import Annotated, Literal
 import tyro
 from tyro.extras import SubcommandApp
 
+from dfield.app import api
+from dfield.app.demo import demo as run_demo
 from dfield.config import TrainConfig
 from dfield.data.generate import SceneSpec
+from dfield.data.generate import generate_scene as write_scene
+from dfield.errors import DataError, DfieldError, RunError, TrainingDiverged
+from dfield.query.spec import QuerySpec
 
 app = SubcommandApp()
 Flat = tyro.conf.arg(name="")
@@ -27,16 +32,12 @@ def train(cfg: Annotated[TrainConfig, Flat], out: Path = Path("runs/latest"), re
         overwrite: Start over in an existing run folder.
         eval: Evaluate on the test split when training ends.
     """
-    from dfield.app import api
-
     api.train(cfg, out, resume=resume, overwrite=overwrite, evaluate=eval)
 
 
 @app.command
 def resume(run: tyro.conf.Positional[Path], iterations: int | None = None, eval: bool = True) -> None:
     """Continue a killed or finished run from its last checkpoint (optionally to more iterations)."""
-    from dfield.app import api
-
     api.resume(run, iterations=iterations, evaluate=eval)
 
 
@@ -49,8 +50,6 @@ def eval_(run: tyro.conf.Positional[Path], split: Literal["test", "val", "train"
         every: Use every Nth view of the split (default: the run's --test-every).
         save_images: Also write the rendered views to RUN/eval_images/.
     """
-    from dfield.app import api
-
     api.evaluate(run, split=split, every=every, save_images=save_images, device=device)
 
 
@@ -68,18 +67,14 @@ def render(run: tyro.conf.Positional[Path], out: Path | None = None, path: Liter
         resolution_scale: Render orbit/spiral frames at this fraction (or multiple) of the training resolution.
         mode: rgb: colour; features: the distilled feature field, PCA to RGB with one projection for all views.
     """
-    from dfield.app import api
-
     api.render(run, out=out, path=path, frames=frames, every=every, video=video, depth=depth, device=device,
                resolution_scale=resolution_scale, mode=mode)
 
 
 @app.command(name="generate-scene")
-def generate_scene(out: tyro.conf.Positional[Path], spec: Annotated[SceneSpec, Flat] = SceneSpec()) -> None:
+def generate_scene(out: tyro.conf.Positional[Path], spec: Annotated[SceneSpec, Flat]) -> None:
     """Write a procedural multi-object scene with ground-truth object ids (Blender format)."""
-    from dfield.data.generate import generate_scene as gen
-
-    path = gen(out, spec)
+    path = write_scene(out, spec)
     print(f"wrote scene to {path}")
 
 
@@ -91,9 +86,7 @@ def demo(out: Path = Path("demo_out"), seed: int = 0, iterations: int | None = N
     Args:
         features: Also do the features, query and edits part (--no-features: radiance field only, ~5 minutes).
     """
-    from dfield.app import api
-
-    api.demo(out, seed=seed, iterations=iterations, features=features)
+    run_demo(out, seed=seed, iterations=iterations, features=features)
 
 
 @app.command
@@ -121,13 +114,10 @@ def query(run: tyro.conf.Positional[Path], text: tuple[str, ...] = (), patch: tu
         frames: Number of frames for --path orbit.
         patch_source: Where the box's embedding comes from: the field's rendering or the teacher's own map.
     """
-    from dfield.query.outputs import run_query
-    from dfield.query.builder import QuerySpec
-
     neg = "auto" if negatives == ("auto",) else (list(negatives) if negatives is not None else None)
     spec = QuerySpec(text=list(text), patch=patch, click=click, negatives=neg, threshold=threshold,
                      temperature=temperature, patch_source=patch_source)
-    run_query(run, spec, path=path, out=out, ply=ply, eval_objects=eval_objects, frames=frames)
+    api.query(run, spec, path=path, out=out, ply=ply, eval_objects=eval_objects, frames=frames)
 
 
 @app.command
@@ -147,9 +137,7 @@ def distill(run: tyro.conf.Positional[Path], teacher: str, method: Literal["fit"
         lift_voxels: Voxels of the lifted grid (lift); only cells a ray reaches are stored, in fp16.
         threads: CPU threads for PyTorch (0: PyTorch's default).
     """
-    from dfield.features.distill import distill as add_features
-
-    add_features(run, teacher, method=method, iterations=iterations, dim=dim, batch_rays=batch_rays, loss=loss,
+    api.distill(run, teacher, method=method, iterations=iterations, dim=dim, batch_rays=batch_rays, loss=loss,
                  lift_voxels=lift_voxels, device=device, threads=threads)
 
 
@@ -170,15 +158,21 @@ def edit(run: tyro.conf.Positional[Path], spec: Path, out: Path | None = None, p
         mesh_resolution: Marching-cubes cells along the longest side.
         mesh_opacity: The surface is where one voxel of the field is this opaque.
     """
-    from dfield.app import api
-
     api.edit(run, spec, out=out, path=path, frames=frames, every=every, video=video, export_mesh=export_mesh,
              mesh_resolution=mesh_resolution, mesh_opacity=mesh_opacity, device=device)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from dfield.errors import USER_ERRORS, report
+USER_ERRORS = (DfieldError, ValueError, FileNotFoundError)
+KINDS = {DataError: "bad data", RunError: "bad run", TrainingDiverged: "training diverged"}
 
+
+def report(e: BaseException) -> None:
+    """A user error as the one line `dfield` prints for it."""
+    print(f"dfield: {KINDS.get(type(e), 'error')}: {e}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the `dfield` command; returns its exit code (2 for a user error, 130 when interrupted)."""
     try:
         app.cli(args=argv, prog="dfield")
     except USER_ERRORS as e:

@@ -1,7 +1,8 @@
 """Novel-view camera paths for rendering videos: an orbit for 360° scenes, a spiral for forward-facing ones.
 
 All poses are camera-to-world in the OpenGL convention of `dfield.data.dataset` (camera looks down -z,
-+y up, +x right); intrinsics are copied from the first training camera.
++y up, +x right); intrinsics are copied from the first training camera. `look_at` and `average_pose` are
+`dfield.data.poses`'.
 """
 
 from __future__ import annotations
@@ -11,28 +12,7 @@ import math
 import torch
 
 from dfield.data.dataset import Cameras
-
-
-def _normalize(v: torch.Tensor) -> torch.Tensor:
-    return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
-def look_at(eye: torch.Tensor, target: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """(N, 3) eyes, (3,) or (N, 3) target and up -> (N, 3, 4) c2w with -z pointing at the target."""
-    eye = eye.double()
-    fwd = _normalize(target.double() - eye)
-    up = up.double().expand_as(fwd)
-    right = torch.linalg.cross(fwd, up)
-    # Looking straight along `up` leaves the roll undefined; any perpendicular axis will do there.
-    bad = right.norm(dim=-1) < 1e-6
-    if bad.any():
-        alt = torch.tensor([1.0, 0.0, 0.0], dtype=fwd.dtype).expand_as(fwd)
-        alt = torch.where((fwd * alt).sum(-1, keepdim=True).abs() > 0.9, torch.tensor([0.0, 1.0, 0.0], dtype=fwd.dtype), alt)
-        right = torch.where(bad[:, None], torch.linalg.cross(fwd, alt), right)
-    right = _normalize(right)
-    back = -fwd
-    true_up = torch.linalg.cross(back, right)
-    return torch.stack([right, true_up, back, eye], dim=-1)
+from dfield.data.poses import average_pose, look_at, normalize
 
 
 def _with_poses(cameras: Cameras, c2w: torch.Tensor) -> Cameras:
@@ -48,7 +28,7 @@ def _with_poses(cameras: Cameras, c2w: torch.Tensor) -> Cameras:
 def look_at_centre(cameras: Cameras) -> torch.Tensor:
     """The point closest (least squares) to all optical axes: solves sum_i (I - d_i d_i^T)(p - o_i) = 0."""
     c2w = cameras.c2w.double().cpu()
-    o, d = c2w[:, :, 3], _normalize(-c2w[:, :, 2])
+    o, d = c2w[:, :, 3], normalize(-c2w[:, :, 2])
     proj = torch.eye(3, dtype=torch.float64) - d[:, :, None] * d[:, None, :]  # (N, 3, 3)
     a = proj.sum(0)
     b = (proj @ o[:, :, None]).sum(0)[:, 0]
@@ -64,14 +44,14 @@ def estimate_up(cameras: Cameras) -> torch.Tensor:
     Blender scenes, where the plain mean of the y axes tilts towards wherever more cameras are.
     The sign (and, if all x axes are parallel, the direction) comes from the mean y axis."""
     c2w = cameras.c2w.double().cpu()
-    x, mean_y = _normalize(c2w[:, :, 0]), c2w[:, :, 1].mean(0)
+    x, mean_y = normalize(c2w[:, :, 0]), c2w[:, :, 1].mean(0)
     evals, evecs = torch.linalg.eigh(x.T @ x)  # ascending
     if evals[1] < 1e-2 * len(x):  # x axes (nearly) parallel: only the dominant one is known
         dom = evecs[:, 2]
         up = mean_y - (mean_y @ dom) * dom
     else:
         up = evecs[:, 0] * torch.sign(evecs[:, 0] @ mean_y + 1e-12)
-    return _normalize(up)
+    return normalize(up)
 
 
 def orbit_path(cameras: Cameras, n_frames: int = 60, elevation: float | None = None) -> Cameras:
@@ -83,7 +63,7 @@ def orbit_path(cameras: Cameras, n_frames: int = 60, elevation: float | None = N
     offs = c2w[:, :, 3] - centre
     radius = offs.norm(dim=-1).mean()
     if elevation is None:
-        elev = torch.asin((_normalize(offs) @ up).clamp(-1, 1)).mean().item()
+        elev = torch.asin((normalize(offs) @ up).clamp(-1, 1)).mean().item()
     else:
         elev = math.radians(elevation)
 
@@ -92,23 +72,13 @@ def orbit_path(cameras: Cameras, n_frames: int = 60, elevation: float | None = N
         e1 = torch.linalg.cross(up, torch.tensor([1.0, 0.0, 0.0], dtype=up.dtype))
         if e1.norm() < 1e-6:
             e1 = torch.linalg.cross(up, torch.tensor([0.0, 1.0, 0.0], dtype=up.dtype))
-    e1 = _normalize(e1)
+    e1 = normalize(e1)
     e2 = torch.linalg.cross(up, e1)
 
     t = torch.arange(n_frames, dtype=torch.float64) * (2 * math.pi / n_frames)
     dirs = math.cos(elev) * (torch.cos(t)[:, None] * e1 + torch.sin(t)[:, None] * e2) + math.sin(elev) * up
     eyes = centre + radius * dirs
     return _with_poses(cameras, look_at(eyes, centre, up))
-
-
-def average_pose(cameras: Cameras) -> torch.Tensor:
-    """(3, 4) mean pose as in NeRF's `poses_avg`: mean position, mean viewing axis, mean up."""
-    c2w = cameras.c2w.double().cpu()
-    centre = c2w[:, :, 3].mean(0)
-    back = _normalize(c2w[:, :, 2].sum(0))
-    up = c2w[:, :, 1].sum(0)
-    right = _normalize(torch.linalg.cross(up, back))
-    return torch.stack([right, torch.linalg.cross(back, right), back, centre], dim=-1)
 
 
 def spiral_path(
@@ -130,7 +100,7 @@ def spiral_path(
     `near`/`far` are world-space scene depths (the LLFF bounds after rescaling), not the 0..1 of an NDC
     Dataset; bounds that cannot be depths (near <= 0 or far <= near) are ignored."""
     c2w = cameras.c2w.double().cpu()
-    avg = average_pose(cameras)
+    avg = average_pose(cameras.c2w.cpu())
     rot, centre = avg[:, :3], avg[:, 3]
     if focus_depth is None:
         if near is not None and far is not None and 0 < near < far:
@@ -142,7 +112,7 @@ def spiral_path(
             focus_depth = depth if depth > 0 and math.isfinite(depth) else max(spread, 1e-3) * 10
     local = (c2w[:, :, 3] - centre) @ rot  # offsets in the average pose's frame
     rads = torch.quantile(local.abs(), 0.9, dim=0)
-    up = _normalize(c2w[:, :, 1].sum(0))
+    up = normalize(c2w[:, :, 1].sum(0))
     focus = centre - focus_depth * rot[:, 2]
 
     theta = torch.linspace(0.0, 2 * math.pi * rots, n_frames + 1, dtype=torch.float64)[:-1]

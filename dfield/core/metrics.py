@@ -32,6 +32,11 @@ def psnr(pred, gt, mask=None) -> float:
     return math.inf if mse == 0 else -10.0 * math.log10(mse)
 
 
+def psnr_from_mse(mse: float) -> float:
+    """PSNR in dB for data range 1 of a mean squared error (floored at 1e-12: 120 dB)."""
+    return -10.0 * math.log10(max(mse, 1e-12))
+
+
 def _gaussian_kernel(size: int, sigma: float, device) -> torch.Tensor:
     x = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
     k = torch.exp(-0.5 * (x / sigma) ** 2)
@@ -76,7 +81,7 @@ _ALEXNET_CKPT = "alexnet-owt-7be5be79.pth"  # the file torchvision's pretrained 
 
 def _lpips_unavailable_reason() -> str | None:
     try:
-        import lpips  # noqa: F401
+        import lpips  # noqa: F401  (optional and slow: it imports torchvision)
     except Exception as e:  # not installed, or its torchvision import failed
         return f"lpips package not importable ({type(e).__name__}: {e})"
     lin = Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth"
@@ -101,7 +106,7 @@ class LPIPS:
         reason = _lpips_unavailable_reason()
         if reason is not None:
             return None, reason
-        import lpips
+        import lpips  # optional and slow: it imports torchvision
 
         def no_download(*args, **kwargs):
             raise RuntimeError("download blocked")
@@ -140,6 +145,23 @@ def _ids(a) -> torch.Tensor:
     return torch.as_tensor(a).long()
 
 
+def intersection_union(pred, gt) -> tuple[int, int]:
+    """Pixel counts of the intersection and the union of two boolean masks of one shape (pooled over all axes)."""
+    pred, gt = torch.as_tensor(pred).bool(), torch.as_tensor(gt).bool().to(torch.as_tensor(pred).device)
+    return int((pred & gt).sum().item()), int((pred | gt).sum().item())
+
+
+def iou(pred, gt) -> float | None:
+    """Intersection over union of two boolean masks, pooled over all pixels (None if both are empty).
+
+    Example:
+        >>> iou(torch.tensor([True, True, False]), torch.tensor([True, False, False]))
+        0.5
+    """
+    inter, union = intersection_union(pred, gt)
+    return None if union == 0 else inter / union
+
+
 def miou(pred_ids, gt_ids, ids=None, ignore=None):
     """Mean IoU over `ids` (default: every id in pred or gt). Ids absent from both maps are skipped;
     pixels where gt == `ignore` do not count. Returns (mean_iou, {id: iou}); mean is nan if nothing counted."""
@@ -153,11 +175,9 @@ def miou(pred_ids, gt_ids, ids=None, ignore=None):
     for i in ids:
         if ignore is not None and i == ignore:
             continue
-        p, g = pred == i, gt == i
-        union = (p | g).sum().item()
-        if union == 0:
-            continue
-        per_id[int(i)] = (p & g).sum().item() / union
+        value = iou(pred == i, gt == i)
+        if value is not None:
+            per_id[int(i)] = value
     mean = sum(per_id.values()) / len(per_id) if per_id else float("nan")
     return mean, per_id
 

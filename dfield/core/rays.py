@@ -51,6 +51,28 @@ def to_ndc(rays: Rays, focal: float, width: int, height: int, near: float = 1.0)
     return Rays(o_ndc, d_ndc)
 
 
+def ndc_to_world(points: torch.Tensor, focal: float, width: int, height: int, near: float = 1.0) -> torch.Tensor:
+    """Inverse of `to_ndc` for points: (N, 3) NDC (x, y, z) -> (N, 3) in the forward-facing world frame."""
+    ax, ay = -2.0 * focal / width, -2.0 * focal / height
+    z = 2.0 * near / (points[:, 2] - 1.0).clamp(max=-1e-6)
+    return torch.stack([points[:, 0] * z / ax, points[:, 1] * z / ay, z], -1)
+
+
+def pixel_coords(ids: torch.Tensor, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat pixel ids over a stack of views (view-major, then row-major) -> (view, u, v).
+
+    `u`, `v` are float pixel-centre coordinates (x + 0.5, y + 0.5), the convention of `camera_rays` and of
+    teacher feature sampling.
+
+    Example:
+        >>> pixel_coords(torch.tensor([0, 7, 13]), width=4, height=3)
+        (tensor([0, 0, 1]), tensor([0.5000, 3.5000, 1.5000]), tensor([0.5000, 1.5000, 0.5000]))
+    """
+    hw = width * height
+    cam, pix = ids // hw, ids % hw
+    return cam, (pix % width).float() + 0.5, (pix // width).float() + 0.5
+
+
 def field_rays(cameras: Cameras, cam_idx, u, v, ndc: tuple[float, int, int] | None = None) -> Rays:
     """Camera rays in the space the field lives in: unit directions, or NDC (focal, W, H) for forward-facing scenes."""
     rays = camera_rays(cameras, cam_idx, u, v)
@@ -102,10 +124,8 @@ class RayBatcher:
         return self.rays_of(ids) + (ids,)
 
     def rays_of(self, ids: torch.Tensor) -> tuple[Rays, torch.Tensor]:
-        hw = self.data.height * self.data.width
-        cam, pix = ids // hw, ids % hw
-        v, u = pix // self.data.width, pix % self.data.width
-        rays = dataset_rays(self.data, cam, u.float() + 0.5, v.float() + 0.5)
+        """Rays and target colours (R, 3) in [0, 1] of flat pixel ids."""
+        rays = dataset_rays(self.data, *pixel_coords(ids, self.data.width, self.data.height))
         return rays, self.colors[ids].float() / 255.0
 
     def state(self) -> torch.Tensor:

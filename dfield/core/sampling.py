@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dfield.core.grids import cell_centers, cell_index
 from dfield.core.rays import Rays
 
 
@@ -30,23 +31,14 @@ class OccupancyGrid:
         self.resolution = resolution
         self.occupied = torch.ones((resolution,) * 3, dtype=torch.bool, device=aabb.device)
 
-    def cell_index(self, pts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat cell ids of points, and whether each point lies inside the box."""
-        u = (pts - self.aabb[0]) / (self.aabb[1] - self.aabb[0])
-        inside = ((u >= 0) & (u <= 1)).all(-1)
-        ijk = (u * self.resolution).long().clamp(0, self.resolution - 1)
-        r = self.resolution
-        return (ijk[:, 0] * r + ijk[:, 1]) * r + ijk[:, 2], inside
-
     def query(self, pts: torch.Tensor) -> torch.Tensor:
-        flat, inside = self.cell_index(pts)
+        """(N, 3) points -> (N,) bool: inside the box and in a cell marked occupied."""
+        flat, inside = cell_index(pts, self.aabb, (self.resolution,) * 3)
         return self.occupied.reshape(-1)[flat] & inside
 
     def cell_centers(self) -> torch.Tensor:
-        r = self.resolution
-        ax = (torch.arange(r, device=self.aabb.device, dtype=torch.float32) + 0.5) / r
-        g = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), -1).reshape(-1, 3)
-        return self.aabb[0] + g * (self.aabb[1] - self.aabb[0])
+        """(resolution^3, 3) cell centres, in the order of `occupied.reshape(-1)`."""
+        return cell_centers(self.aabb, (self.resolution,) * 3)
 
     @torch.no_grad()
     def update(self, density_fn, step: float, threshold: float = 1e-4, chunk: int = 2**18, dilate: int = 1) -> float:

@@ -13,8 +13,9 @@ import torch
 
 from dfield.data.dataset import Cameras, DataError, Dataset
 from dfield.data.images import find_image, image_size, read_ids, read_image, scaled_size
+from dfield.data.splits import holdout_indices
 
-SPLITS = ("train", "val", "test")
+SPLIT_FILES = ("train", "val", "test")  # transforms_{split}.json
 _INTRINSIC_KEYS = ("camera_angle_x", "camera_angle_y", "fl_x", "fl_y", "cx", "cy", "w", "h")
 _DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2")
 
@@ -45,8 +46,8 @@ def scene_files(path: Path) -> tuple[Path, dict[str, Path]]:
     """The scene folder and its transforms files: {"train"/"val"/"test": path} or {"": transforms.json}."""
     path = Path(path)
     root = path.parent if path.is_file() else path
-    split_files = {s: root / f"transforms_{s}.json" for s in SPLITS if (root / f"transforms_{s}.json").is_file()}
-    if path.is_file() and path.name not in {f"transforms_{s}.json" for s in SPLITS}:
+    split_files = {s: root / f"transforms_{s}.json" for s in SPLIT_FILES if (root / f"transforms_{s}.json").is_file()}
+    if path.is_file() and path.name not in {f"transforms_{s}.json" for s in SPLIT_FILES}:
         return root, {"": path}  # one named file: treat it like transforms.json
     if split_files:
         return root, split_files
@@ -174,11 +175,9 @@ def read_blender(path: Path, split: str = "train", downscale: float = 1.0, backg
 
     if "" in frames:  # one file: every holdout_every-th frame is held out for test (and val)
         every = frames[""]
-        held = [f for f in every if f.index % holdout_every == 0]
-        chosen = {"train": [f for f in every if f.index % holdout_every != 0], "val": held, "test": held,
-                  "all": every}[split]
+        chosen = [every[i] for i in holdout_indices(len(every), split, holdout_every, str(root), "frames")]
     elif split == "all":
-        chosen = [f for s in SPLITS if s in frames for f in frames[s]]
+        chosen = [f for s in SPLIT_FILES if s in frames for f in frames[s]]
     elif split in frames:
         chosen = frames[split]
     elif split == "val" and "test" in frames:

@@ -15,6 +15,7 @@ import torch
 
 from dfield.data.dataset import Cameras, DataError, Dataset
 from dfield.data.images import find_image, pick_image_folder, read_image
+from dfield.data.splits import holdout_indices
 
 # model id -> (name, number of parameters); the ids are COLMAP's and fix the binary layout.
 CAMERA_MODELS = {
@@ -266,11 +267,7 @@ def read_colmap(root: Path, split: str = "train", downscale: float = 1.0, backgr
         raise DataError(f"{model}: the model has no registered images")
 
     order = sorted(imgs.values(), key=lambda im: im.name)
-    idx = np.arange(len(order))
-    held = idx[idx % holdout_every == 0]
-    chosen = {"train": idx[idx % holdout_every != 0], "val": held, "test": held, "all": idx}[split]
-    if len(chosen) == 0:
-        raise DataError(f"{root}: split '{split}' has no images (holdout_every={holdout_every})")
+    chosen = np.array(holdout_indices(len(order), split, holdout_every, str(root)))
 
     for im in order:
         if im.camera_id not in cams:

@@ -15,9 +15,7 @@ from pathlib import Path
 
 import torch
 
-
-class DataError(ValueError):
-    """Bad input data. The message names the file and the problem; the CLI prints it without a traceback."""
+from dfield.errors import DataError  # noqa: F401  (readers raise it; re-exported for them)
 
 
 @dataclass

@@ -31,7 +31,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+
+from dfield.data.poses import look_at
 
 AABB = ((-1.5, -1.5, -1.5), (1.5, 1.5, 1.5))
 GROUND_RADIUS = 1.2
@@ -384,15 +387,6 @@ def _render(objects, light, c2w, focal, width, height, ss):
 # Cameras
 
 
-def _look_at(eye, target):
-    forward = (target - eye) / np.linalg.norm(target - eye)
-    right = np.cross(forward, [0.0, 0.0, 1.0])
-    right /= np.linalg.norm(right)
-    c2w = np.eye(4)
-    c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = right, np.cross(right, forward), -forward, eye
-    return c2w
-
-
 def _cameras(spec, n, phase, rng):
     """c2w of `n` cameras looking at TARGET from a Fibonacci spiral over the elevation band (even coverage)."""
     i = np.arange(n)
@@ -402,7 +396,8 @@ def _cameras(spec, n, phase, rng):
     radius = rng.uniform(spec.radius_min, spec.radius_max, n)
     eyes = TARGET + radius[:, None] * np.stack(
         [np.cos(elevation) * np.cos(azimuth), np.cos(elevation) * np.sin(azimuth), np.sin(elevation)], 1)
-    return [_look_at(eye, TARGET) for eye in eyes]
+    c2w = look_at(torch.from_numpy(eyes), torch.from_numpy(TARGET), torch.tensor([0.0, 0.0, 1.0])).numpy()
+    return [np.concatenate([m, [[0.0, 0.0, 0.0, 1.0]]]) for m in c2w]
 
 
 def _near_far(c2ws):
@@ -418,8 +413,10 @@ def _near_far(c2ws):
 # ----------------------------------------------------------------------------------------------
 
 
-def generate_scene(out_dir, spec: SceneSpec = SceneSpec()) -> Path:
-    """Render the scene described by `spec` into `out_dir` (see the module docstring) and return it."""
+def generate_scene(out_dir, spec: SceneSpec | None = None) -> Path:
+    """Render the scene described by `spec` (default: SceneSpec()) into `out_dir` (see the module docstring) and
+    return it."""
+    spec = SceneSpec() if spec is None else spec
     if not 1 <= spec.n_objects <= len(PALETTE):
         raise ValueError(f"n_objects must be 1..{len(PALETTE)}, got {spec.n_objects}")
     if min(spec.width, spec.height, spec.supersample) < 1 or spec.n_train < 1 or min(spec.n_test, spec.n_val) < 0:

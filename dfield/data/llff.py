@@ -9,6 +9,8 @@ import torch
 
 from dfield.data.dataset import Cameras, DataError, Dataset
 from dfield.data.images import list_images, pick_image_folder, read_image
+from dfield.data.poses import average_pose
+from dfield.data.splits import holdout_indices
 
 # TensoRF's box for NDC space: x, y span the image plane (a little wider than [-1, 1] in y to keep
 # the edges of wide-aspect views), z the whole [near, inf) depth range.
@@ -17,22 +19,10 @@ CONTRACT_AABB = ((-2.0, -2.0, -2.0), (2.0, 2.0, 2.0))
 BOUND_FACTOR = 0.75  # NeRF's bd_factor: after rescaling, the nearest bound sits at 1 / 0.75
 
 
-def _normalize(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v)
-
-
-def average_pose(c2w: np.ndarray) -> np.ndarray:
-    """(3, 4) mean camera: mean centre, mean viewing axis, up re-orthogonalised (NeRF's poses_avg)."""
-    z = _normalize(c2w[:, :, 2].sum(0))
-    x = _normalize(np.cross(c2w[:, :, 1].sum(0), z))
-    y = _normalize(np.cross(z, x))
-    return np.stack([x, y, z, c2w[:, :, 3].mean(0)], 1)
-
-
 def recenter(c2w: np.ndarray) -> np.ndarray:
     """Express (N, 3, 4) poses in the frame of their average pose (NeRF's recenter_poses)."""
     avg = np.eye(4)
-    avg[:3] = average_pose(c2w)
+    avg[:3] = average_pose(torch.from_numpy(c2w)).numpy()
     full = np.concatenate([c2w, np.broadcast_to([[[0, 0, 0, 1.0]]], (len(c2w), 1, 4))], 1)
     return (np.linalg.inv(avg) @ full)[:, :3]
 
@@ -78,11 +68,7 @@ def read_llff(root: Path, split: str = "train", downscale: float = 1.0, backgrou
     bounds = bounds * scale
     c2w = recenter(c2w)
 
-    idx = np.arange(len(c2w))
-    held = idx[idx % holdout_every == 0]
-    chosen = {"train": idx[idx % holdout_every != 0], "val": held, "test": held, "all": idx}[split]
-    if len(chosen) == 0:
-        raise DataError(f"{root}: split '{split}' has no images (holdout_every={holdout_every})")
+    chosen = np.array(holdout_indices(len(c2w), split, holdout_every, str(root)))
 
     images = [read_image(paths[i], rest, background) for i in chosen]
     for i, im in zip(chosen, images):

@@ -5,10 +5,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from dfield.data.blender import read_blender
+from dfield.data.colmap import find_model, read_colmap
 from dfield.data.dataset import DataError, Dataset
+from dfield.data.llff import read_llff
+from dfield.data.splits import SPLITS
 
 FORMATS = ("blender", "llff", "colmap")
-SPLITS = ("train", "val", "test", "all")
 BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0)}
 LLFF_MODES = ("ndc", "contract")
 
@@ -29,8 +32,6 @@ def detect_format(path: Path) -> str:
     # LLFF scenes often carry the COLMAP model they came from; poses_bounds.npy is what they mean to use.
     if (path / "poses_bounds.npy").is_file():
         return "llff"
-    from dfield.data.colmap import find_model
-
     if find_model(path) is not None:
         return "colmap"
     names = sorted(p.name for p in path.iterdir())
@@ -68,13 +69,7 @@ def load_dataset(path, split: str = "train", downscale: float = 1.0, *, backgrou
         raise DataError(f"{path}: no such file or folder")
 
     if fmt == "blender":
-        from dfield.data.blender import read_blender
-
         return read_blender(path, split, downscale, bg, holdout_every)
     if fmt == "llff":
-        from dfield.data.llff import read_llff
-
         return read_llff(path.parent if path.is_file() else path, split, downscale, bg, holdout_every, llff_mode)
-    from dfield.data.colmap import read_colmap
-
     return read_colmap(path, split, downscale, bg, holdout_every)

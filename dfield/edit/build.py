@@ -7,13 +7,23 @@ that renders a run renders an edited one.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from PIL import Image
 
-from dfield.edit.spec import Edit, Select
-from dfield.edit.wrappers import EditError, Extract, Delete, Place, Recolor, affine, color_transfer, hue_shift, rgb_to_hsv, set_color
-from dfield.models.base import Model
+from dfield.core.image_rendering import ndc_of
+from dfield.core.rays import field_rays
 from dfield.core.rendering import render_field
+from dfield.edit.colors import color_transfer, hue_shift, rgb_to_hsv, set_color
 from dfield.edit.selection import BoxSelection, FeatureSelection, VoxelSelection, selection_bounds
+from dfield.edit.spec import Edit, Select
+from dfield.edit.wrappers import Delete, Extract, Place, Recolor, affine
+from dfield.errors import EditError, RunError
+from dfield.io.run import Run, open_run
+from dfield.models.base import Model
+from dfield.models.grid import GridModel
+from dfield.query.builder import make_query
+from dfield.query.spec import QuerySpec
 
 
 class EditedModel(Model):
@@ -25,9 +35,16 @@ class EditedModel(Model):
         self.background = base.background
 
     def render_rays(self, rays, generator=None, features: bool = False, channels=None) -> dict[str, torch.Tensor]:
-        b = self.base
-        return render_field(self.field, rays, b.near, b.far, b.step, b.background, None, features,
-                            b.cfg.weight_threshold, b.cfg.max_samples, channels)
+        """Like the base model's, through the edits (never jittered); `channels` composites extra functions of
+        points (e.g. `touched`)."""
+        return render_field(self.field, rays, self.base.render_settings(), None, features, channels)
+
+    def as_field(self, decoded: bool = True):
+        return self.field
+
+    @property
+    def has_features(self) -> bool:
+        return self.field.features is not None
 
     def touched(self, x: torch.Tensor) -> torch.Tensor:
         """Points any edit may have changed (evaluated in world space, so it also marks moved-to places)."""
@@ -37,6 +54,7 @@ class EditedModel(Model):
         return out
 
     def decode(self, rendered: torch.Tensor) -> torch.Tensor:
+        """Edited fields render features already in teacher space."""
         return rendered
 
 
@@ -62,8 +80,6 @@ def make_selection(sel: Select, run, field, step: float):
     if field.features is None:
         raise EditError(f"{run.path}: this run has no feature field, so it can only be edited with 'box' selections "
                         "(add features with dfield distill RUN --teacher ...)")
-    from dfield.query.builder import QuerySpec, make_query
-
     as_view = lambda v: None if v is None else (int(v[0]), *v[1:])  # noqa: E731 (the view is an index)
     spec = QuerySpec(text=list(sel.text), patch=as_view(sel.patch), click=as_view(sel.click), negatives=sel.negatives,
                      temperature=sel.temperature, threshold=sel.threshold)
@@ -81,9 +97,6 @@ def make_selection(sel: Select, run, field, step: float):
 @torch.no_grad()
 def seed_points(run, sel: Select) -> torch.Tensor | None:
     """The 3D points a click or a patch (its centre and a 3x3 grid inside it) lands on, from rendered depth."""
-    from dfield.core.rays import field_rays
-    from dfield.core.image_rendering import ndc_of
-
     if sel.click is not None:
         view, us, vs = int(sel.click[0]), [sel.click[1] + 0.5], [sel.click[2] + 0.5]
     elif sel.patch is not None:
@@ -130,9 +143,6 @@ def _recolor_fn(e: Edit, field, selection, step: float):
     colors = region_colors(field, selection, step)
     if e.color is not None:
         return set_color(e.color, rgb_to_hsv(colors)[:, 2].median().item())
-    import numpy as np
-    from PIL import Image
-
     img = torch.from_numpy(np.asarray(Image.open(e.transfer).convert("RGBA"))).float() / 255
     target = img[..., :3][img[..., 3] > 0.5]
     if len(target) == 0:
@@ -145,10 +155,14 @@ def _matrix(e: Edit, box: torch.Tensor) -> torch.Tensor:
     return affine(e.translate, e.rotate, e.scale, pivot)
 
 
-def build_edited(run, edits: list[Edit], device: str = "cpu") -> EditedModel:
-    from dfield.models.grid import GridModel
-    from dfield.io.run import RunError, open_run
+def build_edited(run: Run, edits: list[Edit], device: str = "cpu") -> EditedModel:
+    """Stack `edits` (parsed by dfield.edit.spec) over an opened run's field; queries are answered on the run (or,
+    for composite, on the other run). Raises EditError/RunError naming the edit that cannot be built.
 
+    Example:
+        >>> edited = build_edited(open_run("runs/toy"), parse_spec({"edits": [{"op": "delete", "select": {"click": [0, 40, 58]}}]}))  # doctest: +SKIP
+        >>> render_image(edited, run.scene.train_cameras(), 0)["rgb"]  # doctest: +SKIP
+    """
     if not isinstance(run.model, GridModel):
         raise RunError(f"{run.path}: edits need a grid model run (this one is {run.cfg.model})")
     step = run.model.step

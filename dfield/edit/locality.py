@@ -14,28 +14,24 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dfield.core.metrics import psnr
-from dfield.core.rays import camera_image_rays
+from dfield.core.image_rendering import render_image
+from dfield.core.metrics import intersection_union, psnr
+from dfield.edit.build import EditedModel
 
 
 @torch.no_grad()
-def render_pair(edited, cameras, i: int, ndc=None, chunk: int = 8192, device: str = "cpu") -> dict[str, torch.Tensor]:
+def render_pair(edited: EditedModel, cameras, i: int, ndc=None, chunk: int = 8192, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Edited and original renders of camera i with the touched region seen in each, and each edit's selection
-    as seen in the original. Images are (H, W, ...) on the CPU."""
-    from dfield.edit.build import EditedModel
-
+    as seen in the original (`selK` for edit K). Images are (H, W, ...) on the CPU."""
     original = EditedModel(edited.base, edited.base.as_field(), [])  # the unedited field, rendered the same way
-    rays = camera_image_rays(cameras, i, ndc).to(device)
     sel_channels = {f"sel{k}": layer.selection.mask for k, layer in enumerate(edited.layers)
-                    if getattr(layer, "selection", None) is not None}
-    e = edited.render_chunked(rays, chunk, channels={"touched": edited.touched})
-    b = original.render_chunked(rays, chunk, channels={"touched": edited.touched, **sel_channels})
-    h, w = cameras.height, cameras.width
-    img = lambda v: v.reshape(h, w, -1).squeeze(-1).cpu()  # noqa: E731
-    res = {"rgb": img(e["rgb"]), "depth": img(e["depth"]), "acc": img(e["acc"]), "base_rgb": img(b["rgb"]),
-           "base_acc": img(b["acc"]), "touched": torch.maximum(img(e["touched"]), img(b["touched"]))}
+                    if layer.selection is not None}
+    e = render_image(edited, cameras, i, ndc, chunk, device, channels={"touched": edited.touched})
+    b = render_image(original, cameras, i, ndc, chunk, device, channels={"touched": edited.touched, **sel_channels})
+    res = {"rgb": e["rgb"], "depth": e["depth"], "acc": e["acc"], "base_rgb": b["rgb"], "base_acc": b["acc"],
+           "touched": torch.maximum(e["touched"], b["touched"])}
     for k in sel_channels:
-        res[k] = img(b[k])
+        res[k] = b[k]
     return res
 
 
@@ -61,9 +57,9 @@ def object_overlaps(region: torch.Tensor, object_ids: torch.Tensor, totals: dict
     for oid in torch.unique(object_ids).tolist():
         if oid == 0:
             continue
-        gt = object_ids == oid
-        inter, union = totals.get(oid, (0, 0))
-        totals[oid] = (inter + (gt & region).sum().item(), union + (gt | region).sum().item())
+        inter, union = intersection_union(region, object_ids == oid)
+        before = totals.get(oid, (0, 0))
+        totals[oid] = (before[0] + inter, before[1] + union)
     return totals
 
 

@@ -6,6 +6,9 @@ import math
 
 import numpy as np
 import torch
+from skimage.measure import marching_cubes
+
+from dfield.core.grids import voxel_res
 
 
 @torch.no_grad()
@@ -13,12 +16,10 @@ def field_mesh(field, box: torch.Tensor | None = None, resolution: int = 192, op
                chunk: int = 2**18) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Vertices (V, 3), faces (F, 3) and vertex colours (V, 3) of the surface where a voxel-long step
     through the field would be `opacity` opaque (density = -ln(1 - opacity) / voxel size)."""
-    from skimage.measure import marching_cubes
-
     box = (field.aabb if box is None else box).float().cpu()
     size = box[1] - box[0]
     voxel = float((size.prod() / resolution**3) ** (1 / 3))
-    res = [max(4, int(round(s / voxel))) for s in size.tolist()]
+    res = list(voxel_res(box, resolution**3, minimum=4))
     axes = [torch.linspace(float(box[0, k]), float(box[1, k]), res[k]) for k in range(3)]
     pts = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
     sigma = torch.cat([field.density(p) for p in pts.split(chunk)]).reshape(res).numpy()

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
-from dfield.query.sets import QueryError, QuerySet
+from dfield.core.grids import cell_centers, cell_index, voxel_res
+from dfield.errors import QueryError
+from dfield.query.sets import QuerySet
 
 
 class Selection:
@@ -76,10 +80,8 @@ class VoxelSelection(Selection):
         """
         aabb = aabb.float()
         size = aabb[1] - aabb[0]
-        voxel = (size.prod() / resolution**3) ** (1 / 3)
-        res = [max(2, int(round(s))) for s in (size / voxel).tolist()]
-        axes = [(torch.arange(r, dtype=torch.float32) + 0.5) / r for r in res]
-        pts = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3) * size + aabb[0]
+        res = list(voxel_res(aabb, resolution**3))
+        pts = cell_centers(aabb.cpu(), res)
         keep = torch.ones(len(pts), dtype=torch.bool) if occupied is None else occupied.query(pts).cpu()
         surface, nearest = _surface(keep.reshape(res)) if fill_interior and occupied is not None else (keep, None)
         prob = torch.zeros(len(pts))
@@ -104,12 +106,7 @@ class VoxelSelection(Selection):
         return VoxelSelection(aabb, grid, threshold)
 
     def prob(self, x: torch.Tensor) -> torch.Tensor:
-        u = (x - self.aabb[0].to(x)) / (self.aabb[1] - self.aabb[0]).to(x)
-        inside = ((u >= 0) & (u <= 1)).all(-1)
-        res = self.res.to(x.device)
-        ijk = (u * res).long().clamp(min=0)
-        ijk = torch.minimum(ijk, res - 1)
-        flat = (ijk[:, 0] * res[1] + ijk[:, 1]) * res[2] + ijk[:, 2]
+        flat, inside = cell_index(x, self.aabb.to(x), self.res)
         return torch.where(inside, self.grid.to(x.device).reshape(-1)[flat], x.new_zeros(()))
 
     def voxel_count(self) -> int:
@@ -140,9 +137,6 @@ def selection_bounds(selection: Selection, fallback: torch.Tensor) -> torch.Tens
 
 def _connected(grid: torch.Tensor, high: float, low: float, seeds: torch.Tensor | None, aabb: torch.Tensor) -> torch.Tensor:
     """Hysteresis on a probability grid, keeping the 26-connected pieces that touch a seed (all, without seeds)."""
-    import numpy as np
-    from scipy import ndimage
-
     labels, n = ndimage.label((grid >= low).numpy(), structure=np.ones((3, 3, 3)))
     labels = torch.from_numpy(labels)
     strong = torch.unique(labels[grid >= high])
@@ -161,9 +155,6 @@ def _connected(grid: torch.Tensor, high: float, low: float, seeds: torch.Tensor 
 
 def _surface(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense cells next to outside empty space, and for every cell the index of the nearest such cell."""
-    import numpy as np
-    from scipy import ndimage
-
     d = dense.numpy()
     labels, _ = ndimage.label(~d, structure=np.ones((3, 3, 3)))
     border = np.unique(np.concatenate([labels[[0, -1]].ravel(), labels[:, [0, -1]].ravel(), labels[:, :, [0, -1]].ravel()]))

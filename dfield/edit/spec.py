@@ -22,7 +22,9 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from dfield.edit.wrappers import EditError
+import yaml
+
+from dfield.errors import EditError
 
 OPS = ("extract", "delete", "recolor", "transform", "composite")
 
@@ -158,8 +160,6 @@ def load_spec(path) -> list[Edit]:
     text = path.read_text()
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)

@@ -10,21 +10,18 @@ change, which evaluation uses to score locality on everything else.
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 
+from dfield.edit.colors import ColorFn
 from dfield.edit.selection import Selection
-
-ColorFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-class EditError(ValueError):
-    """An edit that cannot be applied: bad spec, empty selection, incompatible scenes."""
 
 
 class Wrapper:
     """Passes everything through to `inner`; subclasses override what they change."""
+
+    selection: Selection | None = None
+    """What the edit acts on (None: an insertion of a whole other scene)."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -223,61 +220,3 @@ class Place(Wrapper):
     def touched(self, x):
         m, _ = self.placed.present(x)
         return m | self.selection.mask(x) if self.remove else m
-
-
-# -- recolouring in spaces that keep shading ---------------------------------------------------------------
-
-def rgb_to_hsv(c: torch.Tensor) -> torch.Tensor:
-    r, g, b = c.unbind(-1)
-    mx, mn = c.max(-1).values, c.min(-1).values
-    delta = mx - mn
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    h = torch.where(mx == r, ((g - b) / safe) % 6, torch.where(mx == g, (b - r) / safe + 2, (r - g) / safe + 4))
-    h = torch.where(delta > 0, h / 6, torch.zeros_like(h))
-    s = torch.where(mx > 0, delta / torch.where(mx > 0, mx, torch.ones_like(mx)), torch.zeros_like(mx))
-    return torch.stack([h, s, mx], -1)
-
-
-def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
-    h, s, v = hsv.unbind(-1)
-    k = lambda n: (n + h * 6) % 6
-    f = lambda n: v - v * s * torch.clamp(torch.minimum(k(n), 4 - k(n)), 0, 1)
-    return torch.stack([f(5), f(3), f(1)], -1)
-
-
-def hue_shift(degrees: float) -> ColorFn:
-    """Rotate hue; saturation and value (the shading) stay."""
-    def fn(c):
-        hsv = rgb_to_hsv(c)
-        hsv[:, 0] = (hsv[:, 0] + degrees / 360.0) % 1.0
-        return hsv_to_rgb(hsv)
-    return fn
-
-
-def set_color(rgb, reference_value: float) -> ColorFn:
-    """Take the target's hue and saturation; keep each point's brightness relative to the region's typical
-    brightness (`reference_value`), so shading and shadows survive the new colour."""
-    target = rgb_to_hsv(torch.as_tensor(rgb, dtype=torch.float32)[None])[0]
-
-    def fn(c):
-        hsv = rgb_to_hsv(c)
-        v = (hsv[:, 2] / max(reference_value, 1e-3) * target[2]).clamp(0, 1)
-        return hsv_to_rgb(torch.stack([torch.full_like(v, target[0].item()), torch.full_like(v, target[1].item()), v], -1))
-    return fn
-
-
-_YCC = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
-
-
-def color_transfer(source_colors: torch.Tensor, target_colors: torch.Tensor) -> ColorFn:
-    """Reinhard-style transfer: match the mean and spread of the region's colours to an exemplar's, per
-    channel of a luma/chroma space (where shading mostly lives in luma and hue in chroma)."""
-    to = lambda c: c @ _YCC.T.to(c)
-    src, tgt = to(source_colors.float()), to(target_colors.float())
-    ms, ss, mt, st = src.mean(0), src.std(0).clamp(min=1e-3), tgt.mean(0), tgt.std(0)
-    inv = torch.linalg.inv(_YCC)
-
-    def fn(c):
-        y = (to(c) - ms.to(c)) / ss.to(c) * st.to(c) + mt.to(c)
-        return y @ inv.T.to(c)
-    return fn

@@ -1,11 +1,8 @@
-"""Features second: distil a teacher into a feature field on top of an already trained, frozen radiance field.
+"""Add features to a trained run and save them into it (what `dfield distill` does): features second (a feature
+field fitted on the frozen radiance field, dfield.features.fitting) or one-pass lifting (dfield.features.lifting).
 
-Only the feature volume, its basis and the decoder learn; density and colour stay bit-for-bit as trained.
-This is the radiance-first/features-second schedule, and the fair baseline one-pass lifting is compared to.
-
-`distill(RUN, teacher)` (the `dfield distill` command) does either on a run folder and saves the result
-into it: a new checkpoint at the same step holding the feature field (or the lifted grid), config.json's
-`features` section, and RUN/distill.json.
+The result goes into the run folder: a new checkpoint at the same step holding the feature field (or the lifted
+grid), config.json's `features` section, and RUN/distill.json. Radiance weights are untouched.
 """
 
 from __future__ import annotations
@@ -13,111 +10,56 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
-from dfield.data.dataset import Dataset
-from dfield.fields.vm import VMVolume
-from dfield.models.grid import GridModel
+from dfield.config import to_dict
+from dfield.core.metrics import PeakMemory
 from dfield.core.rays import RayBatcher
+from dfield.data.dataset import Dataset
+from dfield.errors import RunError
+from dfield.features.fitting import fit_features, ray_feature_loss
+from dfield.features.lifting import lift_features
+from dfield.features.teachers import cached_features, feature_cache_dir, make_teacher
+from dfield.io.atomic import atomic_write_text
+from dfield.io.checkpoint import latest_checkpoint, save_checkpoint
+from dfield.io.run import load_config, load_train_data, model_tensors, open_run, save_config
+from dfield.models.grid import GridModel
 
-def add_feature_field(model: GridModel, dim: int, teacher_dim: int, comp: int = 16) -> None:
-    """Give a trained model a fresh feature volume at its grid resolution, and a decoder."""
-    f = model.field
-    f.cfg.feature_dim = dim
-    f.cfg.feature_comp = comp
-    device = f.aabb.device
-    f.feature_vol = VMVolume(comp, f.res, f.cfg.init_scale).to(device)
-    f.feature_basis = torch.nn.Linear(3 * comp, dim, bias=False).to(device)
-    model.decoder = torch.nn.Linear(dim, teacher_dim).to(device)
-
-
-def drop_feature_field(model: GridModel) -> None:
-    """Remove a learned feature field and its decoder (lifted features replace them)."""
-    f = model.field
-    f.cfg.feature_dim = 0
-    f.feature_vol = None
-    if "feature_basis" in f._modules:
-        del f.feature_basis
-    model.decoder = None
-    model.feature_source = None
-
-
-def ray_feature_loss(model: GridModel, data: Dataset, maps, rays, ids: torch.Tensor, loss: str = "l2") -> torch.Tensor:
-    """Mean l2/l1 gap between the decoded rendered features of `rays` and the teacher at their pixels `ids`
-    (flat ids over `data`'s views, as RayBatcher draws them)."""
-    hw = data.height * data.width
-    cam, pix = ids // hw, ids % hw
-    out = model.render_rays(rays, None, features=True)
-    goal = maps.sample(cam, (pix % data.width).float() + 0.5, (pix // data.width).float() + 0.5).to(out["feature"].device)
-    diff = model.decode(out["feature"]) - goal
-    return (diff.abs() if loss == "l1" else diff**2).mean()
-
-
-def fit_features(model: GridModel, data: Dataset, maps, iterations: int = 1000, batch_rays: int = 2048,
-                 lr_grid: float = 0.02, lr_network: float = 1e-3, loss: str = "l2", seed: int = 0,
-                 progress=None) -> dict:
-    """Train only the feature branch against teacher `maps` of `data`'s views. Returns seconds and final loss."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    grid = [model.field.feature_vol.planes, model.field.feature_vol.lines]
-    net = list(model.field.feature_basis.parameters()) + list(model.decoder.parameters())
-    for p in grid + net:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam([{"params": grid, "lr": lr_grid}, {"params": net, "lr": lr_network}], betas=(0.9, 0.99))
-    batcher = RayBatcher(data, batch_rays, seed=seed)
-    device = model.field.aabb.device
-    t0 = time.perf_counter()
-    last = float("nan")
-    for step in range(iterations):
-        for g, base in zip(opt.param_groups, (lr_grid, lr_network)):
-            g["lr"] = base * 0.1 ** (step / iterations)
-        rays, _, ids = batcher.sample()
-        value = ray_feature_loss(model, data, maps, rays.to(device), ids, loss)
-        opt.zero_grad(set_to_none=True)
-        value.backward()
-        opt.step()
-        last = value.item()
-        if progress is not None:
-            progress(step + 1, last)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return {"seconds": time.perf_counter() - t0, "loss": last, "iterations": iterations}
-
-
-# ------------------------------------------------------------------------------------ dfield distill
+Progress = Callable[[str, int, int, dict | None], None]
 
 
 @dataclass
 class Distilled:
+    """What `distill` made: the run, its model as saved, and the summary written to RUN/distill.json."""
+
     run: Path
     model: GridModel  # as saved: what open_run(run).model renders
     summary: dict  # what RUN/distill.json holds
+    checkpoint: Path | None = None  # the checkpoint it wrote
 
 
 def distill(run, teacher: str, method: str = "fit", iterations: int = 1000, dim: int = 32, batch_rays: int = 2048,
             loss: str = "l2", lift_voxels: int = 96**3, device: str = "cpu", threads: int = 0,
-            progress: bool = True) -> Distilled:
-    """Add teacher features to a trained run and save them into it (what `dfield distill` does).
+            progress: Progress | None = None) -> Distilled:
+    """Add teacher features to a trained run and save them into it.
 
     method "fit" trains a `dim`-wide feature field and decoder on the frozen radiance field for `iterations`
     steps of `batch_rays` rays; "lift" averages teacher features into `lift_voxels` cells in one pass.
-    Any features the run had before are replaced. Everything is checked before anything is written."""
-    from rich.console import Console
+    Any features the run had before are replaced. Everything is checked before anything is written.
+    `progress(label, done, total, stats)` is called as teacher maps are computed and as fitting/lifting runs.
 
-    from dfield.io.checkpoint import latest_checkpoint
-    from dfield.config import load_config
-    from dfield.core.metrics import PeakMemory
-    from dfield.io.run import RunError, open_run
-    from dfield.features.teachers import cached_features, make_teacher
-    from dfield.training.trainer import feature_cache_dir, load_train_data
-
+    Example:
+        >>> d = distill("runs/toy", "synthetic", method="lift")   # doctest: +SKIP
+        >>> d.summary["seconds"], d.summary["lift_cells"]         # doctest: +SKIP
+    """
     _check_options(method, loss, iterations, dim, batch_rays, lift_voxels)
     if threads > 0:
         torch.set_num_threads(threads)
-    console = Console(stderr=True, quiet=not progress)
     run = Path(run)
     if (run / "config.json").is_file() and (model := load_config(run / "config.json").model) != "grid":
         raise RunError(f"{run}: feature fields need a grid model; this run is --model {model}")
@@ -130,7 +72,6 @@ def distill(run, teacher: str, method: str = "fit", iterations: int = 1000, dim:
         maps = cached_features(t, data, feature_cache_dir(), progress=progress)
         teacher_s = time.perf_counter() - t0
         before = _optimised_params(r.model)
-        console.print(f"{method} {t.name} features ({t.dim}-d) on {len(data)} views of {data.width}x{data.height} -> {run}")
         if method == "fit":
             stats = _fit(r.model, data, maps, t.dim, dim, iterations, batch_rays, loss, r.cfg.seed, progress)
         else:
@@ -141,8 +82,7 @@ def distill(run, teacher: str, method: str = "fit", iterations: int = 1000, dim:
                "dim": features.dim, "step": r.step, "views": len(data), "teacher_seconds": teacher_s,
                **stats, "peak_rss_bytes": mem.rss_bytes}
     saved = _save(run, ckpt, r.model, before, features, summary)
-    _report(run, summary, saved)
-    return Distilled(run, r.model, summary)
+    return Distilled(run, r.model, summary, saved)
 
 
 def _check_options(method, loss, iterations, dim, batch_rays, lift_voxels) -> None:
@@ -157,25 +97,15 @@ def _check_options(method, loss, iterations, dim, batch_rays, lift_voxels) -> No
 
 
 def _fit(model: GridModel, data: Dataset, maps, teacher_dim, dim, iterations, batch_rays, loss, seed, progress) -> dict:
-    from dfield.app.progress import TrainProgress
-
-    model.feature_source = None
-    add_feature_field(model, dim, teacher_dim)
-    with TrainProgress(iterations, enabled=progress, label="distill") as bar:
-        stats = fit_features(model, data, maps, iterations, batch_rays, loss=loss, seed=seed,
-                             progress=lambda step, value: bar.update(step, {"loss": value}))
+    model.add_feature_field(dim, teacher_dim)
+    stats = fit_features(model, data, maps, iterations, batch_rays, loss=loss, seed=seed, progress=progress)
     return {"seconds": stats["seconds"], "iterations": iterations, "loss": stats["loss"], "loss_kind": loss,
             "loss_note": "last training batch"}
 
 
 def _lift(model: GridModel, data: Dataset, maps, n_voxels, batch_rays, loss, seed, progress) -> dict:
-    from dfield.features.lifting import lift_features
-    from dfield.app.progress import TrainProgress
-
-    drop_feature_field(model)
-    with TrainProgress(len(data), enabled=progress, label="lift") as bar:
-        lifted = lift_features(model, data, maps, n_voxels=n_voxels, progress=lambda n: bar.update(n, None))
-    model.feature_source = lifted.to(model.field.aabb.device)
+    model.set_lifted_features(lift_features(model, data, maps, n_voxels=n_voxels, progress=progress))
+    lifted = model.lifted
     # No training loss to report: the same measure on one batch of training rays makes it comparable with fit.
     rays, _, ids = RayBatcher(data, batch_rays, seed=seed).sample()
     with torch.no_grad():
@@ -195,8 +125,6 @@ def _carry_optimizer(trainer_t: dict, groups: list[dict], before: list, model: G
     """Re-index the trainer's Adam state for the model's new parameter list, so `dfield resume` continues with
     the radiance moments it had. Parameters that are new (the feature branch) start without state; groups that
     are new (feature_grid/feature_network) start from the model's own settings."""
-    from dfield.io.run import RunError
-
     new_groups = model.param_groups()
     if sum(len(g["params"]) for g in groups) != len(before):
         raise RunError("the checkpoint's optimiser state does not match the model; was it written by dfield train?")
@@ -222,12 +150,6 @@ def _carry_optimizer(trainer_t: dict, groups: list[dict], before: list, model: G
 def _save(run: Path, ckpt: Path, model: GridModel, before: list, features, summary: dict) -> Path:
     """Checkpoint first (it records its feature settings, which win over config.json), then the config, then
     distill.json: a kill at any point leaves a run that opens, with the old or the new features."""
-    from safetensors.torch import load_file
-
-    from dfield.io.checkpoint import atomic_write_text, save_checkpoint
-    from dfield.config import load_config, save_config, to_dict
-    from dfield.io.run import model_tensors
-
     meta = json.loads((ckpt / "meta.json").read_text())
     trainer_file = ckpt / "trainer.safetensors"
     trainer_t = load_file(str(trainer_file)) if trainer_file.is_file() else {}
@@ -240,16 +162,3 @@ def _save(run: Path, ckpt: Path, model: GridModel, before: list, features, summa
     save_config(cfg, run / "config.json")
     atomic_write_text(run / "distill.json", json.dumps(summary, indent=1))
     return saved
-
-
-def _report(run: Path, summary: dict, saved: Path) -> None:
-    if summary["method"] == "fit":
-        what = f"{summary['iterations']} steps"
-    else:
-        what = f"{summary['lift_cells']} cells of {'x'.join(map(str, summary['lift_res']))}"
-    print(f"{summary['method']}: {summary['teacher']} features ({what}) in {summary['seconds']:.1f} s "
-          f"(+{summary['teacher_seconds']:.1f} s teacher maps); final {summary['loss_kind']} loss {summary['loss']:.4f}; "
-          f"peak RSS {summary['peak_rss_bytes'] / 2**30:.2f} GiB")
-    print(f"wrote {saved} and {run / 'distill.json'}")
-    print(f"next: dfield render {run} --mode features    (PCA of the features)")
-    print(f"      dfield eval {run}                      (3D segmentation mIoU vs the teacher on generated scenes)")

@@ -12,10 +12,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dfield.data.dataset import Dataset
+from dfield.core.image_rendering import ndc_of, render_image
 from dfield.core.metrics import miou, pixel_accuracy
+from dfield.data.dataset import Dataset
 from dfield.models.base import Model
-from dfield.core.rays import image_rays
 
 
 def nearest_label(features: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -27,9 +27,8 @@ def nearest_label(features: torch.Tensor, embeddings: torch.Tensor, labels: torc
 @torch.no_grad()
 def render_decoded_features(model: Model, data: Dataset, i: int, device="cpu", chunk: int = 8192) -> torch.Tensor:
     """The field's features at every pixel of view i, decoded to teacher space: (H, W, D)."""
-    out = model.render_chunked(image_rays(data, i).to(device), chunk, features=True)
-    f = model.decode(out["feature"])
-    return f.reshape(data.height, data.width, -1).cpu()
+    out = render_image(model, data.cameras, i, ndc_of(data), chunk, device, features=True)
+    return model.decode(out["feature"].to(device)).cpu()
 
 
 def upsample_map(fmap: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ keep what was learned.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +38,23 @@ class TensoRFConfig:
 
 
 class TensoRFField(nn.Module):
-    def __init__(self, aabb: torch.Tensor, res, cfg: TensoRFConfig = TensoRFConfig()):
+    """Density, colour and (optionally) low-dimensional features as functions of world points in `aabb`.
+
+    Args:
+        aabb: (2, 3) box the volumes span.
+        res: (3,) grid resolution of the volumes.
+        cfg: ranks and widths (default TensoRFConfig()).
+
+    Example:
+        >>> f = TensoRFField(torch.tensor([[-1.0] * 3, [1.0] * 3]), (16, 16, 16))
+        >>> x, d = torch.zeros(5, 3), torch.tensor([[0.0, 0.0, 1.0]]).expand(5, 3)
+        >>> f.density(x).shape, f.color(x, d).shape
+        (torch.Size([5]), torch.Size([5, 3]))
+    """
+
+    def __init__(self, aabb: torch.Tensor, res, cfg: TensoRFConfig | None = None):
         super().__init__()
+        cfg = TensoRFConfig() if cfg is None else dataclasses.replace(cfg)
         self.cfg = cfg
         self.register_buffer("aabb", aabb.clone().float())
         self.density_vol = VMVolume(cfg.density_comp, res, cfg.init_scale)
@@ -51,12 +67,24 @@ class TensoRFField(nn.Module):
             nn.Linear(cfg.hidden, 3),
         )
         nn.init.constant_(self.mlp[-1].bias, 0.0)
+        self.feature_vol: VMVolume | None = None
         if cfg.feature_dim > 0:
-            # Its own volume: features must not share capacity (or gradients) with colour and density.
-            self.feature_vol = VMVolume(cfg.feature_comp, res, cfg.init_scale)
-            self.feature_basis = nn.Linear(3 * cfg.feature_comp, cfg.feature_dim, bias=False)
-        else:
-            self.feature_vol = None
+            self.add_feature_volume(cfg.feature_dim, cfg.feature_comp)
+
+    def add_feature_volume(self, dim: int, comp: int) -> None:
+        """A fresh `dim`-wide feature volume of `comp` VM components at the current resolution (replaces any)."""
+        # Its own volume: features must not share capacity (or gradients) with colour and density.
+        device = self.aabb.device
+        self.cfg = dataclasses.replace(self.cfg, feature_dim=dim, feature_comp=comp)
+        self.feature_vol = VMVolume(comp, self.res, self.cfg.init_scale).to(device)
+        self.feature_basis = nn.Linear(3 * comp, dim, bias=False).to(device)
+
+    def drop_feature_volume(self) -> None:
+        """Remove the feature volume and its basis."""
+        self.cfg = dataclasses.replace(self.cfg, feature_dim=0)
+        self.feature_vol = None
+        if "feature_basis" in self._modules:
+            del self.feature_basis
 
     @property
     def res(self) -> tuple[int, int, int]:

@@ -16,14 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from dfield.io.atomic import atomic_write_text, fsync_file
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -31,6 +24,8 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(folder: Path, step: int, model_tensors: dict, trainer_tensors: dict, meta: dict, keep: int = 2) -> Path:
+    """Write `folder/step_NNNNNN/` (model and trainer tensors as safetensors, `meta` + step as JSON) atomically,
+    point `latest` at it and keep only the `keep` newest checkpoints. Returns the checkpoint folder."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{step:06d}"
     tmp = folder / f".step_{step:06d}.tmp{os.getpid()}"
@@ -40,8 +35,7 @@ def save_checkpoint(folder: Path, step: int, model_tensors: dict, trainer_tensor
     save_file(_contiguous(trainer_tensors), str(tmp / "trainer.safetensors"))
     (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=1))
     for f in tmp.iterdir():  # make the data durable before the rename publishes it
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+        fsync_file(f)
     # Replacing a checkpoint of the same step (features added to a finished run): the old one moves aside
     # under a name latest_checkpoint still finds, so a kill before the new one is in place loses nothing.
     displaced = folder / f"step_{step:06d}.old"
@@ -62,6 +56,7 @@ def _prune(folder: Path, keep: int) -> None:
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint `latest` points at, else the newest complete one, else None."""
     pointer = folder / "latest"
     if pointer.is_file():
         cand = folder / pointer.read_text().strip()
@@ -72,6 +67,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, device="cpu") -> tuple[dict, dict, dict]:
+    """(model tensors on `device`, trainer tensors on the CPU, meta) of a checkpoint folder."""
     meta = json.loads((path / "meta.json").read_text())
     model = load_file(str(path / "model.safetensors"), device=str(device))
     trainer_file = path / "trainer.safetensors"
@@ -90,6 +86,7 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
 
 
 def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict], device) -> None:
+    """Load what `optimizer_tensors` split off back into `opt` (moments moved to `device`)."""
     state: dict[int, dict] = {}
     for key, v in tensors.items():
         if key.startswith("optim."):

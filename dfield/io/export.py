@@ -1,17 +1,18 @@
 """Writing results: PNG images, videos, depth visualisation and PLY point clouds / meshes.
 
-Every writer goes through a temporary file in the target folder and `os.replace`, so a crash or a
-concurrent reader never sees a half-written file.
+Every writer goes through `dfield.io.atomic.atomic_path`, so a crash or a concurrent reader never sees a
+half-written file.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
+import imageio.v2 as imageio
 import numpy as np
+from PIL import Image
+
+from dfield.io.atomic import atomic_path
 
 
 def _numpy(x) -> np.ndarray:
@@ -29,26 +30,9 @@ def to_uint8(img) -> np.ndarray:
     return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-@contextmanager
-def _atomic(path):
-    """Yields a temporary path next to `path` (same suffix, so format-by-extension writers work)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_png(path, img) -> Path:
-    from PIL import Image
-
-    with _atomic(path) as tmp:
+    """(H, W, 3) or (H, W) image, float in [0, 1] or uint8 -> PNG at `path`; returns `path`."""
+    with atomic_path(path) as tmp:
         Image.fromarray(to_uint8(img)).save(tmp, format="PNG")
     return Path(path)
 
@@ -61,13 +45,11 @@ def _pad_even(frame: np.ndarray) -> np.ndarray:
 
 def save_video(path, frames, fps: int = 24) -> Path:
     """Frames: iterable of (H, W, 3) float [0, 1] or uint8. `.gif` -> animated GIF, else H.264 mp4."""
-    import imageio.v2 as imageio
-
     frames = [to_uint8(f) for f in frames]
     if not frames:
         raise ValueError("save_video: no frames")
     frames = [np.repeat(f[..., None], 3, -1) if f.ndim == 2 else f for f in frames]
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         if str(path).lower().endswith(".gif"):
             # Pillow's GIF writer takes the frame duration in milliseconds; loop=0 repeats forever.
             imageio.mimsave(tmp, frames, format="GIF", duration=1000.0 / fps, loop=0)
@@ -144,7 +126,7 @@ def _write_ply(path, vertices: np.ndarray, faces: np.ndarray | None) -> Path:
     if faces is not None:
         lines += [f"element face {len(faces)}", "property list uchar int vertex_indices"]
     lines.append("end_header")
-    with _atomic(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(("\n".join(lines) + "\n").encode("ascii"))
         f.write(vertices.tobytes())
         if faces is not None:

@@ -6,24 +6,29 @@ query and edit need (the scene's images are only read again when a command compa
     RUN/checkpoints/     step_NNNNNN/ folders and a `latest` pointer (see checkpoint.py)
     RUN/log.jsonl        one line per logged step: loss, PSNR, rays/s, seconds
     RUN/eval.json        written by `dfield eval`
+
+This module also reads the run's data (`load_train_data`, `load_eval_data`) for the commands that compare
+against it: training, evaluation, distillation, queries and edits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from dfield.io.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint
-from dfield.config import FeatureConfig, TrainConfig, from_dict, load_config
+from dfield.config import FeatureConfig, TrainConfig, from_dict, to_dict
+from dfield.data import load_dataset
 from dfield.data.dataset import Cameras, Dataset
+from dfield.errors import RunError
+from dfield.io.atomic import atomic_write_text
+from dfield.io.checkpoint import latest_checkpoint, load_checkpoint
 from dfield.models.base import Model
-
-
-class RunError(ValueError):
-    """A run folder that is missing, incomplete or unreadable."""
+from dfield.models.grid import GridModel
+from dfield.models.nerf import NeRFModel
 
 
 @dataclass
@@ -67,19 +72,14 @@ class SceneInfo:
 
 
 def build_model(cfg: TrainConfig, scene: SceneInfo) -> Model:
+    """A fresh model of the kind and shape `cfg` asks for, over the scene's box (weights not loaded)."""
     aabb = torch.tensor(scene.aabb, dtype=torch.float32)
     if cfg.model == "grid":
-        import dataclasses
-
-        from dfield.models.grid import GridModel
-
         grid = cfg.grid
         if cfg.features.teacher:
             grid = dataclasses.replace(grid, field=dataclasses.replace(grid.field, feature_dim=cfg.features.dim))
         return GridModel(aabb, scene.near, scene.far, scene.background, grid, teacher_dim=cfg.features.teacher_dim)
     if cfg.model == "nerf":
-        from dfield.models.nerf import NeRFModel
-
         return NeRFModel(scene.near, scene.far, scene.background, cfg.nerf)
     raise ValueError(f"unknown model {cfg.model!r}: expected 'grid' or 'nerf'")
 
@@ -87,9 +87,7 @@ def build_model(cfg: TrainConfig, scene: SceneInfo) -> Model:
 def load_model_state(model: Model, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Reshape the model as the checkpoint recorded, then load weights and extra buffers."""
     model.restructure(meta.get("structure", {}))
-    extra_keys = [k for k in tensors if k.startswith("extra.")]
-    if hasattr(model, "load_extra_state"):
-        model.load_extra_state({k[len("extra."):]: tensors[k] for k in extra_keys})
+    model.load_extra_state({k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")})
     sd = {k: v for k, v in tensors.items() if not k.startswith("extra.")}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
@@ -97,22 +95,23 @@ def load_model_state(model: Model, tensors: dict[str, torch.Tensor], meta: dict)
 
 
 def model_tensors(model: Model) -> dict[str, torch.Tensor]:
-    out = dict(model.state_dict())
-    if hasattr(model, "extra_state"):
-        out.update({f"extra.{k}": v for k, v in model.extra_state().items()})
-    return out
+    """Everything a checkpoint holds of a model: its state dict and its extra state (under `extra.`)."""
+    return {**model.state_dict(), **{f"extra.{k}": v for k, v in model.extra_state().items()}}
 
 
 def with_checkpoint_features(cfg: TrainConfig, meta: dict) -> TrainConfig:
-    """The feature settings a checkpoint was saved with win over config.json: `dfield distill` writes the
-    checkpoint before the config, and a kill in between must leave a run that still opens."""
+    """`cfg` with the feature settings a checkpoint was saved with, which win over config.json: `dfield distill`
+    writes the checkpoint before the config, and a kill in between must leave a run that still opens."""
     if "features" in meta:
-        cfg.features = from_dict(FeatureConfig, meta["features"])
+        return dataclasses.replace(cfg, features=from_dict(FeatureConfig, meta["features"]))
     return cfg
 
 
 @dataclass
 class Run:
+    """An opened run folder: its config (with the checkpoint's feature settings), scene, model in eval mode,
+    the checkpoint's step and meta."""
+
     path: Path
     cfg: TrainConfig
     scene: SceneInfo
@@ -138,3 +137,36 @@ def open_run(path, device: str = "cpu", checkpoint: Path | None = None) -> Run:
     load_model_state(model, tensors, meta)
     model.eval()
     return Run(path, cfg, scene, model, meta["step"], meta)
+
+
+# ------------------------------------------------------------------------------------------- config and data
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    """Write `cfg` as JSON, atomically."""
+    atomic_write_text(path, json.dumps(to_dict(cfg), indent=1))
+
+
+def load_config(path: Path) -> TrainConfig:
+    """Read a config.json written by `save_config` (unknown keys ignored, missing ones take their defaults)."""
+    return from_dict(TrainConfig, json.loads(Path(path).read_text()))
+
+
+def load_train_data(cfg: TrainConfig) -> Dataset:
+    """The training split of the run's scene, as the run was trained on it."""
+    d = cfg.data
+    return load_dataset(d.path, "train", d.downscale, background=d.background, holdout_every=d.holdout_every,
+                        llff_mode=d.llff_mode)
+
+
+def load_eval_data(cfg: TrainConfig, split: str = "test", every: int | None = None) -> Dataset:
+    """A split of the run's scene, thinned to every `every`-th view (default: the run's `data.test_every`)."""
+    d = cfg.data
+    data = load_dataset(d.path, split, d.downscale, background=d.background, holdout_every=d.holdout_every,
+                        llff_mode=d.llff_mode)
+    every = d.test_every if every is None else every
+    if every < 1:
+        raise ValueError(f"every must be at least 1, got {every}")
+    if every > 1:
+        data = data.subset(torch.arange(0, len(data), every))
+    return data

@@ -6,16 +6,19 @@ of the overall shape), mark empty space and shrink the box to the object early, 
 
 from __future__ import annotations
 
-import math
+import copy
 from dataclasses import dataclass, field
 
 import torch
 
+from dfield.core.grids import voxel_res
+from dfield.core.rays import Rays
+from dfield.core.rendering import RenderSettings, render_field
+from dfield.core.sampling import OccupancyGrid
+from dfield.fields.lifted import LiftedFeatures
 from dfield.fields.tensorf import TensoRFConfig, TensoRFField
 from dfield.models.base import Model
-from dfield.core.rays import Rays
-from dfield.core.rendering import render_field
-from dfield.core.sampling import OccupancyGrid
+from dfield.models.schedule import GridSchedule
 
 
 @dataclass
@@ -51,54 +54,40 @@ class GridModelConfig:
     max_samples: int = 1024
 
 
-def voxel_res(aabb: torch.Tensor, n_voxels: int) -> tuple[int, int, int]:
-    """Per-axis resolution giving cubic voxels and about `n_voxels` cells over the box."""
-    size = (aabb[1] - aabb[0]).tolist()
-    voxel = (size[0] * size[1] * size[2] / n_voxels) ** (1 / 3)
-    return tuple(max(2, int(round(s / voxel))) for s in size)
-
-
 class GridModel(Model):
-    def __init__(self, aabb: torch.Tensor, near: float, far: float, background, cfg: GridModelConfig = GridModelConfig(),
+    """A TensoRF field over a box, marched through an occupancy grid, with an optional feature branch.
+
+    Features come either from a learned low-dimensional feature volume plus a linear `decoder` to the teacher's
+    width (distillation), or from `lifted`: teacher-space features averaged per voxel (one-pass lifting).
+    """
+
+    def __init__(self, aabb: torch.Tensor, near: float, far: float, background, cfg: GridModelConfig | None = None,
                  teacher_dim: int = 0):
         super().__init__()
+        # A copy: the schedule and the feature branch change the model's settings, never the caller's config.
+        cfg = copy.deepcopy(cfg) if cfg is not None else GridModelConfig()
         self.cfg = cfg
         self.near, self.far = float(near), float(far)
         self.register_buffer("background", torch.as_tensor(background, dtype=torch.float32))
+        self.schedule = GridSchedule(cfg)
         self.field = TensoRFField(aabb, voxel_res(aabb, cfg.voxels_init), cfg.field)
         # Low-dim rendered features -> teacher space, applied after compositing (once per ray, not per sample).
         self.decoder = torch.nn.Linear(cfg.field.feature_dim, teacher_dim) if cfg.field.feature_dim and teacher_dim else None
-        # Features can also come from elsewhere (one-pass lifting): a function of points already in teacher space.
-        self.feature_source = None
+        self.lifted: LiftedFeatures | None = None
         self.occupancy: OccupancyGrid | None = None
         self.shrunk = False
         self._update_step_size()
 
-    # -- schedule -------------------------------------------------------------------------------
-    def _res_at(self, n_done: int) -> int:
-        k = len(self.cfg.upsample_steps)
-        a, b = math.log(self.cfg.voxels_init), math.log(self.cfg.voxels_final)
-        return int(round(math.exp(a + (b - a) * n_done / k))) if k else self.cfg.voxels_init
-
+    # -- structure (changed by the schedule) ----------------------------------------------------
     def _update_step_size(self) -> None:
         aabb = self.field.aabb
         voxel = ((aabb[1] - aabb[0]) / torch.tensor(self.field.res, device=aabb.device)).mean().item()
         self.step = voxel * self.cfg.step_ratio
 
-    def on_step(self, step: int) -> bool:
-        changed = False
-        c = self.cfg
-        every = c.occupancy_every if step < c.occupancy_slow_after else c.occupancy_every_late
-        if step >= c.occupancy_start and (step - c.occupancy_start) % every == 0 or step == c.shrink_step:
-            shrink = step >= c.shrink_step and not self.shrunk
-            self.update_occupancy(shrink=shrink)
-            changed = shrink  # a shrink resamples the volumes: new parameters
-        if step in self.cfg.upsample_steps:
-            n = self.cfg.upsample_steps.index(step) + 1
-            self.field.resize(voxel_res(self.field.aabb, self._res_at(n)))
-            self._update_step_size()
-            changed = True
-        return changed
+    def resize_grid(self, n_voxels: int) -> None:
+        """Resample the volumes at about `n_voxels` cells over the current box."""
+        self.field.resize(voxel_res(self.field.aabb, n_voxels))
+        self._update_step_size()
 
     @torch.no_grad()
     def update_occupancy(self, shrink: bool = False) -> float:
@@ -118,17 +107,58 @@ class GridModel(Model):
         return frac
 
     # -- rendering ------------------------------------------------------------------------------
+    def render_settings(self) -> RenderSettings:
+        """How this model's rays are marched now (the step follows the grid's resolution)."""
+        return RenderSettings(self.near, self.far, self.step, self.background, self.cfg.weight_threshold,
+                              self.cfg.max_samples)
+
     def as_field(self, decoded: bool = False) -> "GridSceneField":
         """The renderer's view of this model; `decoded` gives features in the teacher's space (for queries, edits)."""
         return GridSceneField(self, decoded)
 
     def render_rays(self, rays: Rays, generator: torch.Generator | None = None, features: bool = False) -> dict[str, torch.Tensor]:
-        return render_field(self.as_field(), rays, self.near, self.far, self.step, self.background, generator, features,
-                            self.cfg.weight_threshold, self.cfg.max_samples)
+        return render_field(self.as_field(), rays, self.render_settings(), generator, features)
+
+    def scene_box(self) -> torch.Tensor:
+        return self.field.aabb
+
+    # -- features -------------------------------------------------------------------------------
+    @property
+    def has_features(self) -> bool:
+        return self.decoder is not None or self.lifted is not None
+
+    @property
+    def trainable_features(self) -> bool:
+        return self.decoder is not None and self.lifted is None
+
+    @property
+    def feature_dim(self) -> int:
+        if self.lifted is not None:
+            return self.lifted.grid.shape[1]
+        return self.decoder.in_features if self.decoder is not None else 0
 
     def decode(self, rendered: torch.Tensor) -> torch.Tensor:
-        """Rendered features -> teacher space."""
-        return rendered if self.feature_source is not None else self.decoder(rendered)
+        """Rendered features -> teacher space (lifted features already are)."""
+        if self.lifted is not None:
+            return rendered
+        if self.decoder is None:
+            return super().decode(rendered)
+        return self.decoder(rendered)
+
+    def add_feature_field(self, dim: int, teacher_dim: int, comp: int = 16) -> None:
+        """A fresh learned feature branch: a `dim`-wide feature volume at the grid's resolution and a linear decoder
+        to `teacher_dim` (replaces any features the model had)."""
+        self.lifted = None
+        self.field.add_feature_volume(dim, comp)
+        self.cfg.field = self.field.cfg
+        self.decoder = torch.nn.Linear(dim, teacher_dim).to(self.field.aabb.device)
+
+    def set_lifted_features(self, lifted: LiftedFeatures) -> None:
+        """Features from one-pass lifting replace any learned feature branch."""
+        self.field.drop_feature_volume()
+        self.cfg.field = self.field.cfg
+        self.decoder = None
+        self.lifted = lifted.to(self.field.aabb.device)
 
     # -- training -------------------------------------------------------------------------------
     def param_groups(self, lr_scale: float = 1.0) -> list[dict]:
@@ -151,6 +181,7 @@ class GridModel(Model):
         return groups
 
     def regularizer(self, step: int) -> torch.Tensor | None:
+        """L1 sparsity on the density volume (lighter once the box has shrunk), plus the optional TV terms."""
         c = self.cfg
         w = c.l1_weight_init if not self.shrunk else c.l1_weight_rest
         terms = [w * self.field.l1_density()] if w > 0 else []
@@ -174,8 +205,8 @@ class GridModel(Model):
     def extra_state(self) -> dict[str, torch.Tensor]:
         out = {} if self.occupancy is None else {f"occupancy.{k}": v for k, v in self.occupancy.state().items()}
         # Lifted features (dfield distill --method lift) are data, not parameters: saved beside the occupancy grid.
-        if hasattr(self.feature_source, "state"):
-            out.update({f"lifted.{k}": v for k, v in self.feature_source.state().items()})
+        if self.lifted is not None:
+            out.update({f"lifted.{k}": v for k, v in self.lifted.state().items()})
         return out
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -183,9 +214,7 @@ class GridModel(Model):
             self.occupancy = OccupancyGrid(tensors["occupancy.aabb"], 2)
             self.occupancy.load({"aabb": tensors["occupancy.aabb"], "occupied": tensors["occupancy.occupied"]})
         if "lifted.grid" in tensors:
-            from dfield.features.lifting import LiftedFeatures  # lifting builds on this module
-
-            self.feature_source = LiftedFeatures.from_state({k[len("lifted."):]: v for k, v in tensors.items() if k.startswith("lifted.")})
+            self.lifted = LiftedFeatures.from_state({k[len("lifted."):]: v for k, v in tensors.items() if k.startswith("lifted.")})
 
 
 class GridSceneField:
@@ -197,8 +226,11 @@ class GridSceneField:
         self.occupancy = model.occupancy
         self.density = model.field.density
         self.color = model.field.color
-        source = model.feature_source or (model.field.features if model.field.feature_vol is not None else None)
-        if source is not None and decoded and model.feature_source is None:
-            self.features = lambda x: model.decoder(source(x))
+        if model.lifted is not None:
+            self.features = model.lifted
+        elif model.field.feature_vol is None:
+            self.features = None
+        elif decoded:
+            self.features = lambda x: model.decoder(model.field.features(x))
         else:
-            self.features = source
+            self.features = model.field.features

@@ -6,16 +6,18 @@ Paper-faithful defaults (8 x 256 layers, skip at layer 5, 64 coarse + 128 fine s
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dfield.fields.encoding import encoding_dim, positional_encoding
-from dfield.models.base import Model
 from dfield.core.rays import Rays
 from dfield.core.rendering import composite, weights_from_density
+from dfield.fields.encoding import encoding_dim, positional_encoding
+from dfield.models.base import Model
+from dfield.models.losses import photometric_loss
 
 
 @dataclass
@@ -73,9 +75,11 @@ def _sample_pdf(bins: torch.Tensor, weights: torch.Tensor, n: int, det: bool, ge
 
 
 class NeRFModel(Model):
-    def __init__(self, near: float, far: float, background, cfg: NeRFModelConfig = NeRFModelConfig()):
+    """Coarse and fine PE-MLPs; the coarse network's colour is trained too (its own photometric term)."""
+
+    def __init__(self, near: float, far: float, background, cfg: NeRFModelConfig | None = None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = NeRFModelConfig() if cfg is None else dataclasses.replace(cfg)
         self.near, self.far = float(near), float(far)
         self.register_buffer("background", torch.as_tensor(background, dtype=torch.float32))
         self.coarse = NeRFMLP(cfg)
@@ -108,6 +112,10 @@ class NeRFModel(Model):
         t_all, _ = torch.sort(torch.cat([t_c, t_f.detach()], -1), -1)
         fine = self._render(self.fine, rays, t_all)
         return {"rgb": fine["rgb"], "depth": fine["depth"], "acc": fine["acc"], "rgb_coarse": coarse["rgb"]}
+
+    def losses(self, out: dict[str, torch.Tensor], target_rgb: torch.Tensor) -> dict[str, torch.Tensor]:
+        """MSE of the fine and of the coarse colour, as in the paper."""
+        return {**super().losses(out, target_rgb), "rgb_coarse": photometric_loss(out["rgb_coarse"], target_rgb)}
 
     def param_groups(self, lr_scale: float = 1.0) -> list[dict]:
         return [{"params": list(self.parameters()), "lr": self.cfg.lr * lr_scale, "name": "network"}]

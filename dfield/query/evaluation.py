@@ -10,20 +10,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dfield.query.sets import QueryError, QuerySet, click_embedding, patch_embedding
-from dfield.query.outputs import relevance
-from dfield.query.builder import (MAX_CLUSTER_SAMPLES, QueryContext, QuerySpec, auto_view_ids, context, contrast_query,
-                             make_query, subsample)
-
-
-# ------------------------------------------------------------------------------------- evaluation (GT ids)
-
-
-def iou(pred: torch.Tensor, gt: torch.Tensor) -> float | None:
-    """Intersection over union of two boolean masks, pooled over all pixels (None if both are empty)."""
-    pred, gt = torch.as_tensor(pred).bool(), torch.as_tensor(gt).bool()
-    union = (pred | gt).sum().item()
-    return None if union == 0 else (pred & gt).sum().item() / union
+from dfield.core.metrics import iou
+from dfield.errors import QueryError
+from dfield.features.segmentation import upsample_map
+from dfield.query.builder import make_query
+from dfield.query.clusters import MAX_CLUSTER_SAMPLES, auto_view_ids, contrast_query, subsample
+from dfield.query.context import QueryContext, context
+from dfield.query.relevance import relevance
+from dfield.query.sets import QuerySet, click_embedding, patch_embedding
+from dfield.query.spec import QuerySpec
 
 
 def inscribed_square(mask: torch.Tensor) -> tuple[int, int, int]:
@@ -44,7 +39,6 @@ def inscribed_square(mask: torch.Tensor) -> tuple[int, int, int]:
         raise QueryError("empty mask has no interior")
     flat = int(depth.reshape(-1).argmax())
     return flat % mask.shape[1], flat // mask.shape[1], int(depth.reshape(-1)[flat])
-
 
 def object_prompt(ids: torch.Tensor, obj: int, box_mode: str = "interior") -> dict | None:
     """The training view where object `obj` is most visible (deepest interior), a box and a click on it there."""
@@ -68,7 +62,6 @@ def object_prompt(ids: torch.Tensor, obj: int, box_mode: str = "interior") -> di
         raise QueryError(f"box mode must be 'interior' or 'bbox', got {box_mode!r}")
     return {"view": v, "box": [int(b) for b in box], "click": [int(x), int(y)]}
 
-
 def teacher_query(ctx: QueryContext, spec: QuerySpec) -> QuerySet:
     """The same patch or click, answered by the teacher alone: embedding and automatic negatives from the
     teacher's own maps of the training views (what a user of the 2D model would get)."""
@@ -88,16 +81,12 @@ def teacher_query(ctx: QueryContext, spec: QuerySpec) -> QuerySet:
 
     return contrast_query(pos, ctx.clusters(("teacher", *views), spec.clusters, sample), spec)
 
-
 @torch.no_grad()
 def teacher_masks(ctx: QueryContext, query: QuerySet, split: str, threshold: float) -> torch.Tensor:
     """(N, H, W) hard masks of `query` on the teacher's maps of a split, upsampled to the images."""
-    from dfield.features.segmentation import upsample_map
-
     data, maps = ctx.data(split), ctx.teacher_maps(split)
     return torch.stack([query.probability(upsample_map(maps.view(i), data.height, data.width)) > threshold
                         for i in range(len(data))])
-
 
 def query_iou_per_object(run, box: str = "interior", split: str = "test", teacher: bool = True, **settings) -> dict:
     """For every object of a generated scene (ground included, empty space not): a patch and a click query from
@@ -136,7 +125,6 @@ def query_iou_per_object(run, box: str = "interior", split: str = "test", teache
     return {"objects": objects, "mean": mean_scores(objects), "box": box, "split": split, "views": len(test),
             "settings": asdict(base), "seconds": time.perf_counter() - t0}
 
-
 def mean_scores(objects: dict) -> dict:
     """Mean of every score column over the objects (ground excluded: id 1 is the ground in generated scenes)."""
     rows = [r for r in objects.values() if r["id"] != 1]
@@ -147,9 +135,7 @@ def mean_scores(objects: dict) -> dict:
         means[c] = float(np.mean(values)) if values else None
     return means
 
-
 TUNABLE = ("negatives", "temperature", "threshold", "auto_views", "clusters", "claim")
-
 
 def format_object_table(res: dict) -> str:
     cols = [c for c in ("field_patch", "teacher_patch", "field_click", "teacher_click")
@@ -159,7 +145,6 @@ def format_object_table(res: dict) -> str:
         lines.append(f"{name:<18}" + "".join(f"{_fmt(r.get(c)):>15}" for c in cols))
     lines.append(f"{'mean (objects)':<18}" + "".join(f"{_fmt(res['mean'].get(c)):>15}" for c in cols))
     return "\n".join(lines)
-
 
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"

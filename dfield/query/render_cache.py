@@ -8,17 +8,17 @@ already rendered view is one decode and one softmax. A new checkpoint gets a new
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from dfield.core.image_rendering import render_image
 from dfield.data.dataset import Cameras
+from dfield.io.atomic import atomic_path
 from dfield.io.run import Run, model_tensors
-from dfield.core.image_rendering import render_camera
 
 CACHE_FORMAT = 1  # bump when what a cached render holds, or how its key is made, changes
 
@@ -64,6 +64,7 @@ class RenderCache:
         self._pruned = False
 
     def get(self, cameras: Cameras, i: int, ndc=None) -> RenderedView:
+        """Camera `i`, from memory, else from disk, else rendered (and kept in both)."""
         key = camera_key(cameras, i, ndc)
         view = self.memory.get(key) or self._load(key)
         if view is None:
@@ -75,14 +76,12 @@ class RenderCache:
 
     def _render(self, cameras: Cameras, i: int, ndc) -> RenderedView:
         device = next(self.run.model.parameters()).device
-        o = render_camera(self.run.model, cameras, i, ndc, device=device, features=True)
+        o = render_image(self.run.model, cameras, i, ndc, device=device, features=True)
         return RenderedView(o["rgb"].float(), o["depth"].float(), o["acc"].float(), o["feature"].half())
 
     def _load(self, key: str) -> RenderedView | None:
         if self.folder is None or not (self.folder / f"{key}.safetensors").is_file():
             return None
-        from safetensors.torch import load_file
-
         try:
             t = load_file(str(self.folder / f"{key}.safetensors"))
             return RenderedView(t["rgb"], t["depth"], t["acc"], t["feature"])
@@ -92,8 +91,6 @@ class RenderCache:
     def _save(self, key: str, view: RenderedView) -> None:
         if self.folder is None:
             return
-        from safetensors.torch import save_file
-
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             if not self._pruned:  # renders of earlier checkpoints can never be hit again
@@ -101,9 +98,7 @@ class RenderCache:
                     if old.is_dir() and old != self.folder:
                         shutil.rmtree(old, ignore_errors=True)
                 self._pruned = True
-            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{key}.", suffix=".tmp")
-            os.close(fd)
-            save_file({k: v.contiguous() for k, v in view.tensors().items()}, tmp)
-            os.replace(tmp, self.folder / f"{key}.safetensors")
+            with atomic_path(self.folder / f"{key}.safetensors") as tmp:
+                save_file({k: v.contiguous() for k, v in view.tensors().items()}, tmp)
         except OSError:
             pass  # a read-only run folder still queries, from memory only

@@ -12,9 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-
-class QueryError(ValueError):
-    pass
+from dfield.errors import QueryError
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""`dfield eval`: image metrics on held-out views, printed and written to RUN/eval.json."""
+"""Evaluation of a trained run (what `dfield eval` does): image metrics on held-out views and, on generated scenes
+with a feature field, 3D segmentation against the teacher's own maps; written to RUN/eval.json."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ from pathlib import Path
 
 import torch
 
-from dfield.io.checkpoint import atomic_write_text
-from dfield.data.dataset import Dataset
+from dfield.core.image_rendering import ndc_of, render_image
 from dfield.core.metrics import lpips_fn, psnr, ssim
+from dfield.data.dataset import Dataset
+from dfield.features.segmentation import segmentation_eval
+from dfield.features.teachers import make_teacher
+from dfield.io.atomic import atomic_write_text
+from dfield.io.export import save_png
+from dfield.io.run import load_eval_data, open_run
 from dfield.models.base import Model
-from dfield.core.image_rendering import ndc_of, render_camera
 
 
 def evaluate_views(model: Model, data: Dataset, device="cpu", with_ssim: bool = True, with_lpips: bool = True,
@@ -23,7 +28,7 @@ def evaluate_views(model: Model, data: Dataset, device="cpu", with_ssim: bool = 
     per_view = []
     t0 = time.perf_counter()
     for i in range(len(data)):
-        out = render_camera(model, data.cameras, i, ndc_of(data), chunk, device)
+        out = render_image(model, data.cameras, i, ndc_of(data), chunk, device)
         gt = data.images[i].float() / 255.0
         row = {"view": i, "file": str(data.image_paths[i]) if data.image_paths else "", "psnr": psnr(out["rgb"], gt)}
         if with_ssim:
@@ -32,8 +37,6 @@ def evaluate_views(model: Model, data: Dataset, device="cpu", with_ssim: bool = 
             row["lpips"] = lp(out["rgb"], gt)
         per_view.append(row)
         if save_dir is not None:
-            from dfield.io.export import save_png
-
             save_png(Path(save_dir) / f"{i:03d}.png", out["rgb"])
     render_s = time.perf_counter() - t0
     summary = {k: _mean([r[k] for r in per_view]) for k in ("psnr", "ssim", "lpips") if per_view and k in per_view[0]}
@@ -50,47 +53,25 @@ def _mean(xs: list[float]) -> float:
 
 
 def write_eval(run_dir: Path, results: dict) -> Path:
+    """RUN/eval.json, atomically."""
     path = Path(run_dir) / "eval.json"
     atomic_write_text(path, json.dumps(results, indent=1))
     return path
 
 
-def format_summary(results: dict) -> str:
-    lines = [f"views            {results['views']}", f"PSNR             {results['psnr']:.2f} dB"]
-    if "ssim" in results:
-        lines.append(f"SSIM             {results['ssim']:.4f}")
-    lpips = results.get("lpips")
-    lines.append(f"LPIPS            {lpips:.4f}" if lpips is not None else f"LPIPS            n/a ({results.get('lpips_note', '')})")
-    if "train_seconds" in results:
-        lines.append(f"trained          {results['train_seconds']:.1f} s, {results['step']} steps")
-    if results.get("peak_rss_bytes"):
-        lines.append(f"peak memory      {results['peak_rss_bytes'] / 2**30:.2f} GiB (training process)")
-    lines.append(f"render           {results['render_seconds_per_view']:.2f} s/view")
-    seg = results.get("segmentation")
-    if seg:
-        lines.append(f"3D segmentation  mIoU {seg['field_miou']:.3f} (teacher 2D {seg['teacher_miou']:.3f}), "
-                     f"accuracy {seg['field_accuracy']:.3f} (teacher {seg['teacher_accuracy']:.3f})")
-    return "\n".join(lines)
-
-
 @torch.no_grad()
 def evaluate_run(run_dir, split: str = "test", device: str = "cpu", every: int | None = None, save_images: bool = False,
                  with_lpips: bool = True) -> dict:
-    from dfield.io.run import open_run
-    from dfield.training.trainer import load_eval_data
-
+    """Evaluate a run folder on `split` (every `every`-th view; default: the run's test_every) and write
+    RUN/eval.json. Returns the figures: PSNR/SSIM/LPIPS means and per view, training seconds and peak memory,
+    and `segmentation` (field vs teacher mIoU) for feature runs on scenes with ground-truth ids."""
     run = open_run(run_dir, device)
-    if every is not None:
-        run.cfg.data.test_every = every
-    data = load_eval_data(run.cfg, split)
+    data = load_eval_data(run.cfg, split, every)
     save_dir = Path(run_dir) / "eval_images" if save_images else None
     res = evaluate_views(run.model, data, device, with_lpips=with_lpips, save_dir=save_dir)
     res.update({"split": split, "step": run.step, "train_seconds": run.meta.get("seconds"),
                 "peak_rss_bytes": run.meta.get("peak_rss_bytes"), "model": run.cfg.model})
     if run.cfg.features.teacher and data.object_ids is not None:
-        from dfield.features.segmentation import segmentation_eval
-        from dfield.features.teachers import make_teacher
-
         teacher = make_teacher(run.cfg.features.teacher)
         if hasattr(teacher, "object_embeddings"):
             res["segmentation"] = segmentation_eval(run.model, data, teacher, device)

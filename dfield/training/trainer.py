@@ -1,39 +1,47 @@
-"""The trainer: draws rays, renders, steps the optimiser, checkpoints, resumes, and refuses to diverge silently."""
+"""The trainer: draws rays, renders, steps the optimiser, checkpoints, resumes, and refuses to diverge silently.
+
+The model says what to optimise (`param_groups`), what its loss terms are (`losses`, `regularizer`) and how its
+structure changes during training (`schedule`); the trainer adds the distillation loss when a teacher is set
+and owns everything about the run: ray batches, learning rates, time budget, checkpoints and the log.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
-import math
 import shutil
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from dfield.io.checkpoint import latest_checkpoint, load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
-from dfield.config import TrainConfig, load_config, save_config, to_dict
-from dfield.data import load_dataset
-from dfield.data.dataset import Dataset
-from dfield.core.metrics import peak_rss_bytes
-from dfield.core.rays import RayBatcher
-from dfield.io.run import RunError, SceneInfo, build_model, load_model_state, model_tensors, with_checkpoint_features
+from dfield.config import TrainConfig, to_dict
+from dfield.core.metrics import peak_rss_bytes, psnr_from_mse
+from dfield.core.rays import RayBatcher, pixel_coords
 from dfield.core.sampling import ray_aabb
+from dfield.data.dataset import Dataset
+from dfield.errors import RunError, TrainingDiverged
+from dfield.features.teachers import cached_features, feature_cache_dir, make_teacher
+from dfield.io.checkpoint import latest_checkpoint, load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
+from dfield.io.run import (SceneInfo, build_model, load_config, load_model_state, load_train_data, model_tensors,
+                           save_config, with_checkpoint_features)
+from dfield.models.losses import feature_loss
 
-
-class TrainingDiverged(RuntimeError):
-    pass
-
-
-def psnr_from_mse(mse: float) -> float:
-    return -10.0 * math.log10(max(mse, 1e-12))
+Progress = Callable[[str, int, int, dict | None], None]
 
 
 class Trainer:
-    """Trains one run folder. Create with `Trainer.create` (new run) or `Trainer.resume` (existing run)."""
+    """Trains one run folder. Create with `Trainer.create` (new run) or `Trainer.resume` (existing run).
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, data: Dataset, scene: SceneInfo, teacher=None):
+    Example:
+        >>> cfg = TrainConfig(iterations=1500)                     # doctest: +SKIP
+        >>> cfg.data.path = Path("scenes/toy")                     # doctest: +SKIP
+        >>> Trainer.create(cfg, Path("runs/toy")).train()          # doctest: +SKIP
+    """
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, data: Dataset, scene: SceneInfo, teacher=None,
+                 progress: Progress | None = None):
         self.cfg, self.run_dir, self.data, self.scene = cfg, Path(run_dir), data, scene
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
@@ -47,25 +55,25 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.last = {}
         self.teacher_maps = None
+        self._missed: tuple[torch.Tensor, torch.Tensor] | None = None
         if cfg.features.teacher and cfg.features.method != "lift":  # lifted features are a fixed grid: nothing to fit
-            from dfield.features.teachers import cached_features, make_teacher
-
             teacher = teacher or make_teacher(cfg.features.teacher)
-            self.teacher_maps = cached_features(teacher, data, feature_cache_dir())
+            self.teacher_maps = cached_features(teacher, data, feature_cache_dir(), progress=progress)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def create(cls, cfg: TrainConfig, run_dir: Path, overwrite: bool = False) -> "Trainer":
-        """Validate the data before touching `run_dir`, so bad input never leaves a half-made run."""
+    def create(cls, cfg: TrainConfig, run_dir: Path, overwrite: bool = False, progress: Progress | None = None) -> "Trainer":
+        """A new run in `run_dir` from `cfg` (copied: the caller's config is not changed). The data is read and
+        checked before `run_dir` is touched, so bad input never leaves a half-made run. `progress` reports the
+        teacher's feature maps being computed."""
         run_dir = Path(run_dir)
+        cfg = copy.deepcopy(cfg)
         # The run folder is read from other working directories later (render, eval, query): keep the data's
         # absolute path, not the one relative to where training started.
         cfg.data.path = Path(cfg.data.path).resolve()
         data = load_train_data(cfg)
         teacher = None
         if cfg.features.teacher:  # built once here: its width goes into the saved config
-            from dfield.features.teachers import make_teacher
-
             teacher = make_teacher(cfg.features.teacher)
             cfg.features.teacher_dim = teacher.dim
         if (run_dir / "config.json").exists() and not overwrite:
@@ -78,10 +86,13 @@ class Trainer:
         scene = SceneInfo.from_dataset(data)
         save_config(cfg, run_dir / "config.json")
         scene.save(run_dir / "scene.json")
-        return cls(cfg, run_dir, data, scene, teacher)
+        return cls(cfg, run_dir, data, scene, teacher, progress)
 
     @classmethod
-    def resume(cls, run_dir: Path, iterations: int | None = None, max_seconds: float | None = None) -> "Trainer":
+    def resume(cls, run_dir: Path, iterations: int | None = None, max_seconds: float | None = None,
+               progress: Progress | None = None) -> "Trainer":
+        """The run in `run_dir` at its last checkpoint (or from scratch if it has none), optionally with a new
+        iteration target or time budget (saved, so a killed extended run resumes to the new target)."""
         run_dir = Path(run_dir)
         if not (run_dir / "config.json").is_file():
             raise RunError(f"{run_dir}: nothing to resume (no config.json)")
@@ -96,11 +107,8 @@ class Trainer:
         if ckpt is not None:
             cfg = with_checkpoint_features(cfg, json.loads((ckpt / "meta.json").read_text()))
         if iterations is not None or max_seconds is not None or cfg.features != saved_features:
-            save_config(cfg, run_dir / "config.json")  # a killed extended run resumes to the new target
-        if cfg.features.method == "lift":
-            print(f"{run_dir}: the lifted features stay as they are; after training, `dfield distill {run_dir} --teacher "
-                  f"{cfg.features.teacher} --method lift` lifts them again from the refined field", file=sys.stderr)
-        trainer = cls(cfg, run_dir, data, SceneInfo.load(run_dir / "scene.json"))
+            save_config(cfg, run_dir / "config.json")
+        trainer = cls(cfg, run_dir, data, SceneInfo.load(run_dir / "scene.json"), progress=progress)
         if ckpt is not None:
             trainer.load(ckpt)
         return trainer
@@ -145,19 +153,22 @@ class Trainer:
 
     def _restrict_rays_to_box(self) -> None:
         """Once the box has shrunk to the object, rays that miss it only ever see background: skip them."""
-        aabb = getattr(getattr(self.model, "field", None), "aabb", None)
-        if aabb is None or self.batcher.pool is not None:
+        box = self.model.scene_box()
+        if box is None or self.batcher.pool is not None:
             return
         keep = []
         n = self.batcher.n_pixels
         for start in range(0, n, 1 << 18):
             ids = torch.arange(start, min(n, start + (1 << 18)))
             rays, _ = self.batcher.rays_of(ids)
-            t0, t1 = ray_aabb(rays, aabb.cpu())
+            t0, t1 = ray_aabb(rays, box.cpu())
             keep.append(ids[t1 > t0.clamp(min=self.scene.near)])
         pool = torch.cat(keep)
         if 0 < len(pool) < n:
             self.batcher.restrict(pool)
+
+    def _teacher_targets(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.teacher_maps.sample(*pixel_coords(ids, self.data.width, self.data.height)).to(self.device)
 
     def _missed_rays_feature_loss(self, n: int) -> tuple[torch.Tensor, float] | None:
         """Feature loss on rays that miss the shrunk box, which the batcher no longer draws.
@@ -166,9 +177,9 @@ class Trainer:
         field that starts after the shrink (radiance first) never learns what empty background looks like.
         """
         pool = self.batcher.pool
-        if pool is None or n == 0 or getattr(self.model, "decoder", None) is None or self.model.feature_source is not None:
+        if pool is None or n == 0 or not self.model.trainable_features:
             return None
-        if getattr(self, "_missed", None) is None or self._missed[0] is not pool:
+        if self._missed is None or self._missed[0] is not pool:
             keep = torch.ones(self.batcher.n_pixels, dtype=torch.bool)
             keep[pool] = False
             self._missed = (pool, keep.nonzero()[:, 0])
@@ -176,42 +187,32 @@ class Trainer:
         if len(missed) == 0:
             return None
         ids = missed[torch.randint(len(missed), (n,), generator=self.jitter)]
-        hw, w = self.data.height * self.data.width, self.data.width
-        cam, pix = ids // hw, ids % hw
-        goal = self.teacher_maps.sample(cam, (pix % w).float() + 0.5, (pix // w).float() + 0.5).to(self.device)
-        dim = self.model.decoder.in_features
-        diff = self.model.decode(torch.zeros(n, dim, device=self.device)) - goal
-        value = (diff.abs() if self.cfg.features.loss == "l1" else diff**2).mean()
-        return value, len(missed) / self.batcher.n_pixels
+        empty = self.model.decode(torch.zeros(n, self.model.feature_dim, device=self.device))
+        return feature_loss(empty, self._teacher_targets(ids), self.cfg.features.loss), len(missed) / self.batcher.n_pixels
 
     def train_step(self) -> dict:
-        if self.model.on_step(self.step):
+        """One optimiser step on a fresh ray batch (after the model's schedule has run). Returns loss figures."""
+        change = self.model.schedule.before_step(self.model, self.step)
+        if change.reshaped:
             self.optimizer = self._make_optimizer()
-            if getattr(self.model, "shrunk", False):
-                self._restrict_rays_to_box()
+        if change.shrunk:
+            self._restrict_rays_to_box()
         self._set_lr()
         rays, target, ids = self.batcher.sample()
         rays, target = rays.to(self.device), target.to(self.device)
         fcfg = self.cfg.features
         with_features = self.teacher_maps is not None and self.step >= fcfg.start_step
         out = self.model.render_rays(rays, self.jitter, features=with_features)
-        mse = ((out["rgb"] - target) ** 2).mean()
-        loss = mse
+        terms = self.model.losses(out, target)
+        loss = sum(terms.values())
         feat_loss = None
         if with_features:
-            hw = self.data.height * self.data.width
-            cam, pix = ids // hw, ids % hw
-            u, v = (pix % self.data.width).float() + 0.5, (pix // self.data.width).float() + 0.5
-            goal = self.teacher_maps.sample(cam, u, v).to(self.device)
-            diff = self.model.decode(out["feature"]) - goal
-            feat_loss = (diff.abs() if fcfg.loss == "l1" else diff**2).mean()
+            feat_loss = feature_loss(self.model.decode(out["feature"]), self._teacher_targets(ids), fcfg.loss)
             miss = self._missed_rays_feature_loss(len(ids) // 8)
             if miss is not None:  # weighted as if the batch had been drawn from every pixel
                 value, frac = miss
                 feat_loss = (1 - frac) * feat_loss + frac * value
             loss = loss + fcfg.weight * feat_loss
-        if "rgb_coarse" in out:
-            loss = loss + ((out["rgb_coarse"] - target) ** 2).mean()
         reg = self.model.regularizer(self.step)
         if reg is not None:
             loss = loss + reg
@@ -224,61 +225,41 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         self.step += 1
-        stats = {"loss": loss.item(), "mse": mse.item()}
+        stats = {"loss": loss.item(), "mse": terms["rgb"].item()}
         if feat_loss is not None:
             stats["feature_loss"] = feat_loss.item()
         return stats
 
-    def train(self, hooks: list[Callable[["Trainer"], None]] = (), progress: bool = True) -> None:
-        from dfield.app.progress import TrainProgress
+    def train(self, hooks: list[Callable[["Trainer"], None]] = (), progress: Progress | None = None) -> None:
+        """Train to `cfg.iterations` (or `cfg.max_seconds` of training), checkpointing and logging as configured.
 
+        `hooks` run after every step, outside the timed span (evaluation there is not training time).
+        `progress("train", step, iterations, stats)` is called after every step; `stats` (loss, PSNR, rays/s) on
+        logged steps, else None.
+        """
         cfg = self.cfg
-        log = open(self.run_dir / "log.jsonl", "a")
-        bar = TrainProgress(cfg.iterations, start=self.step, enabled=progress)
         rays_done, sec_window = 0, self.seconds
-        try:
-            with bar:
-                while self.step < cfg.iterations and not (cfg.max_seconds and self.seconds >= cfg.max_seconds):
-                    t0 = time.perf_counter()
-                    stats = self.train_step()
-                    rays_done += cfg.batch_rays
-                    if self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations:
-                        self.save()
-                    self.seconds += time.perf_counter() - t0
-                    if self.step % cfg.log_every == 0 or self.step == cfg.iterations:
-                        self.last = {"step": self.step, "loss": stats["loss"], "psnr": psnr_from_mse(stats["mse"]),
-                                     "rays_per_s": rays_done / max(self.seconds - sec_window, 1e-9), "seconds": round(self.seconds, 2)}
-                        if "feature_loss" in stats:
-                            self.last["feature_loss"] = stats["feature_loss"]
-                        log.write(json.dumps(self.last) + "\n")
-                        log.flush()
-                        rays_done, sec_window = 0, self.seconds
-                        bar.update(self.step, self.last)
-                    else:
-                        bar.update(self.step, None)
-                    for hook in hooks:  # outside the timed span: evaluation is not training time
-                        hook(self)
+        with open(self.run_dir / "log.jsonl", "a") as log:
+            while self.step < cfg.iterations and not (cfg.max_seconds and self.seconds >= cfg.max_seconds):
+                t0 = time.perf_counter()
+                stats = self.train_step()
+                rays_done += cfg.batch_rays
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations:
+                    self.save()
+                self.seconds += time.perf_counter() - t0
+                logged = None
+                if self.step % cfg.log_every == 0 or self.step == cfg.iterations:
+                    self.last = {"step": self.step, "loss": stats["loss"], "psnr": psnr_from_mse(stats["mse"]),
+                                 "rays_per_s": rays_done / max(self.seconds - sec_window, 1e-9), "seconds": round(self.seconds, 2)}
+                    if "feature_loss" in stats:
+                        self.last["feature_loss"] = stats["feature_loss"]
+                    log.write(json.dumps(self.last) + "\n")
+                    log.flush()
+                    rays_done, sec_window = 0, self.seconds
+                    logged = self.last
+                if progress is not None:
+                    progress("train", self.step, cfg.iterations, logged)
+                for hook in hooks:  # outside the timed span: evaluation is not training time
+                    hook(self)
             if self.step % cfg.checkpoint_every != 0 and self.step != cfg.iterations:
                 self.save()  # stopped by the time budget: keep what was learned
-        finally:
-            log.close()
-
-
-def feature_cache_dir() -> Path:
-    """Teacher features are cached per dataset content, so one shared folder serves every run."""
-    from dfield.features.teachers import default_cache_dir
-
-    return default_cache_dir() / "features"
-
-
-def load_train_data(cfg: TrainConfig) -> Dataset:
-    d = cfg.data
-    return load_dataset(d.path, "train", d.downscale, background=d.background, holdout_every=d.holdout_every, llff_mode=d.llff_mode)
-
-
-def load_eval_data(cfg: TrainConfig, split: str = "test") -> Dataset:
-    d = cfg.data
-    data = load_dataset(d.path, split, d.downscale, background=d.background, holdout_every=d.holdout_every, llff_mode=d.llff_mode)
-    if d.test_every > 1:
-        data = data.subset(torch.arange(0, len(data), d.test_every))
-    return data

@@ -18,12 +18,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
 
-from dfield.features.teachers.base import Teacher, TeacherError, resize_normalize
+from dfield.errors import TeacherError
+from dfield.features.teachers.base import Teacher, resize_normalize
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch16"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -32,7 +35,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def _transformers():
     try:
-        import transformers
+        import transformers  # heavy (about 1.5 s) and only this teacher needs it
     except ImportError as e:
         raise TeacherError(f"the clip teacher needs transformers ({e}): pip install transformers") from None
     return transformers
@@ -44,11 +47,8 @@ def _no_weights(name: str, why: str = "no local copy and no network") -> Teacher
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """A quick check before asking the hub, which otherwise retries for ~20 s when there is no network."""
-    import socket
-    from urllib.parse import urlparse
-
     try:
-        from huggingface_hub import constants
+        from huggingface_hub import constants  # comes with transformers, which only this teacher needs
 
         url = urlparse(constants.ENDPOINT)
     except Exception:

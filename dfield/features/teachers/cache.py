@@ -1,0 +1,175 @@
+"""The on-disk teacher feature cache: every view's feature map computed once per scene and teacher setting, kept
+as fp16 `.npy` files that the trainer memory-maps and samples ray by ray (`FeatureMaps.sample`).
+
+    maps = cached_features(make_teacher("dinov2"), dataset, feature_cache_dir())
+    f = maps.sample(view_idx, u, v)                   # (R, D) float32 at image pixel coordinates
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dfield.data.dataset import Dataset
+from dfield.errors import TeacherError
+from dfield.features.teachers.base import Teacher
+from dfield.io.atomic import atomic_path, atomic_write_text
+
+CACHE_FORMAT = 1  # bump when the stored layout or the key recipe changes
+
+
+def default_cache_dir() -> Path:
+    """$DFIELD_CACHE_DIR, else $XDG_CACHE_HOME/dfield, else ~/.cache/dfield (for converted model files)."""
+    if os.environ.get("DFIELD_CACHE_DIR"):
+        return Path(os.environ["DFIELD_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "dfield"
+
+
+def feature_cache_dir() -> Path:
+    """Where teacher feature maps are cached: one shared folder for every run, keyed by dataset content."""
+    return default_cache_dir() / "features"
+
+
+@dataclass
+class FeatureMaps:
+    """Teacher features of every view of a dataset: `maps` is (N, h, w, D) fp16, usually memory-mapped."""
+
+    maps: np.ndarray
+    image_size: tuple[int, int]  # (width, height) of the dataset images the maps are aligned with
+    teacher: str = ""
+    path: Path | None = None
+
+    def __len__(self) -> int:
+        return self.maps.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.maps.shape[-1]
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        """(w, h) of each feature map."""
+        return self.maps.shape[2], self.maps.shape[1]
+
+    def view(self, i: int) -> torch.Tensor:
+        """float32 (h, w, D) map of view `i`."""
+        return torch.from_numpy(np.asarray(self.maps[i], dtype=np.float32))
+
+    def sample(self, view_idx, u, v, device=None) -> torch.Tensor:
+        """Bilinearly sample features at image pixel coordinates -> float32 (R, D) torch tensor.
+
+        `view_idx` (R,) or an int, `u` (R,) x and `v` (R,) y in the dataset's image pixels, where pixel
+        (i, j) has its centre at (i + 0.5, j + 0.5). Feature cells are spread evenly over the image
+        (cell centres at (k + 0.5) W / w), and coordinates beyond the outer cell centres take the edge
+        value, like grid_sample(align_corners=False, padding_mode="border"). The result is on `device`
+        (default CPU)."""
+        u = np.asarray(torch.as_tensor(u).detach().cpu(), dtype=np.float64).reshape(-1)
+        v = np.asarray(torch.as_tensor(v).detach().cpu(), dtype=np.float64).reshape(-1)
+        vi = np.asarray(torch.as_tensor(view_idx).detach().cpu(), dtype=np.int64).reshape(-1)
+        if vi.size == 1 and u.size != 1:
+            vi = np.full(u.shape, vi[0], dtype=np.int64)
+        if not (u.shape == v.shape == vi.shape):
+            raise ValueError(f"view_idx, u and v must have the same length, got {vi.shape}, {u.shape}, {v.shape}")
+        n, h, w, _ = self.maps.shape
+        if vi.size and (vi.min() < 0 or vi.max() >= n):
+            raise IndexError(f"view index out of range 0..{n - 1}")
+        width, height = self.image_size
+        x = np.clip(u * (w / width) - 0.5, 0, w - 1)
+        y = np.clip(v * (h / height) - 0.5, 0, h - 1)
+        x0 = np.floor(x).astype(np.int64)
+        y0 = np.floor(y).astype(np.int64)
+        x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
+        fx = torch.from_numpy((x - x0).astype(np.float32))[:, None]
+        fy = torch.from_numpy((y - y0).astype(np.float32))[:, None]
+        flat = self.maps.reshape(n * h * w, -1)  # a view (also of a memmap): one gather for all four corners
+        base = vi * (h * w)
+        rows = np.concatenate([base + y0 * w + x0, base + y0 * w + x1, base + y1 * w + x0, base + y1 * w + x1])
+        c = torch.from_numpy(np.ascontiguousarray(flat[rows])).float().reshape(4, -1, flat.shape[1])
+        out = torch.lerp(torch.lerp(c[0], c[1], fx), torch.lerp(c[2], c[3], fx), fy)
+        return out if device is None else out.to(device, non_blocking=True)
+
+
+def _cache_key(teacher: Teacher, data: Dataset) -> str:
+    h = hashlib.sha1()
+    h.update(f"dfield-features-v{CACHE_FORMAT}\0{teacher.name}\0".encode())
+    images = data.images
+    h.update(repr(tuple(images.shape)).encode())
+    for i in range(len(data)):
+        h.update(np.ascontiguousarray(images[i].numpy()).tobytes())
+    if teacher.uses_object_ids and data.object_ids is not None:
+        h.update(b"\0ids")
+        for i in range(len(data)):
+            h.update(np.ascontiguousarray(data.object_ids[i].numpy()).tobytes())
+    h.update(b"\0")
+    h.update(teacher.cache_token(data))
+    return h.hexdigest()
+
+
+def _open_cached(npy: Path, meta_path: Path, n: int, teacher: Teacher, image_size) -> FeatureMaps | None:
+    if not (npy.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        maps = np.load(npy, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    if (maps.dtype != np.float16 or maps.ndim != 4 or maps.shape[0] != n or list(maps.shape) != meta.get("shape")
+            or meta.get("teacher") != teacher.name):
+        return None
+    return FeatureMaps(maps, image_size, teacher.name, npy)
+
+
+def cached_features(teacher: Teacher, data: Dataset, cache_dir: Path, batch: int = 8,
+                    progress: Callable[[str, int, int, dict | None], None] | None = None) -> FeatureMaps:
+    """Teacher features for every view of `data`, computed once and kept in `cache_dir/<key>.npy` (fp16).
+
+    The key is a sha1 of the teacher's name (which carries its settings), every image's bytes, and the
+    object-id maps when the teacher reads them; any change computes a new file. Returns FeatureMaps
+    whose `maps` are memory-mapped from the cache file. `progress("teacher NAME", views_done, views, None)` is
+    called after each batch the teacher encodes (never on a cache hit)."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    n = len(data)
+    if n == 0:
+        raise TeacherError("no views to compute teacher features for")
+    image_size = (data.images.shape[2], data.images.shape[1])
+    key = _cache_key(teacher, data)
+    npy, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+    hit = _open_cached(npy, meta_path, n, teacher, image_size)
+    if hit is not None:
+        return hit
+    batch = max(1, int(batch))
+    with atomic_path(npy) as tmp, torch.inference_mode():
+        out = None
+        for start in range(0, n, batch):
+            idx = list(range(start, min(n, start + batch)))
+            f = torch.as_tensor(teacher.encode_views(data, idx)).detach().float().cpu()
+            if f.ndim != 4 or f.shape[0] != len(idx):
+                raise TeacherError(f"teacher {teacher.name} returned features of shape {tuple(f.shape)} for "
+                                   f"{len(idx)} images; expected (N, h, w, D)")
+            if out is None:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, *f.shape[1:]))
+            elif tuple(f.shape[1:]) != out.shape[1:]:
+                raise TeacherError(f"teacher {teacher.name} returned {tuple(f.shape[1:])} maps for views "
+                                   f"{idx[0]}..{idx[-1]} but {out.shape[1:]} before; every view must match")
+            if not torch.isfinite(f).all():
+                raise TeacherError(f"teacher {teacher.name} returned non-finite features for views "
+                                   f"{idx[0]}..{idx[-1]}")
+            out[start:start + len(idx)] = f.numpy().astype(np.float16)
+            if progress is not None:
+                progress(f"teacher {teacher.name}", start + len(idx), n, None)
+        out.flush()
+        del out
+    meta = {"teacher": teacher.name, "dim": int(teacher.dim), "shape": list(np.load(npy, mmap_mode="r").shape),
+            "image_size": list(image_size), "views": n, "format": CACHE_FORMAT,
+            "images": [str(p) for p in data.image_paths]}
+    atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n", durable=False)
+    return FeatureMaps(np.load(npy, mmap_mode="r"), image_size, teacher.name, npy)
