@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dfield.data import load_dataset  # noqa: E402
-from dfield.features.teachers import cached_features, make_teacher  # noqa: E402
+from dfield.data import load_dataset
+from dfield.features.teachers import cached_features, make_teacher
 
 
 def main() -> None:
@@ -40,25 +40,24 @@ def main() -> None:
     teacher = make_teacher(args.teacher)
     cache = args.out / "cache"  # a private cache so the first pass really computes
     t0 = time.perf_counter()
-    maps = cached_features(teacher, data, cache, progress=False)
+    maps = cached_features(teacher, data, cache)
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cached_features(teacher, data, cache, progress=False)
+    cached_features(teacher, data, cache)
     second = time.perf_counter() - t0
     result = {"teacher": teacher.name, "views": len(data), "image_size": [data.width, data.height],
               "map_shape": list(maps.maps.shape), "cache_seconds_first": first, "cache_seconds_reuse": second}
     print(f"{teacher.name}: {len(data)} views -> maps {tuple(maps.maps.shape)}; computed in {first:.1f} s, reused in {second:.2f} s")
 
     if args.run is not None:
-        from dfield.features.fitting import add_feature_field, fit_features
-        from dfield.io.export import save_png
-        from dfield.features.pca import FeaturePCA
-        from dfield.io.run import open_run
-        from dfield.io.run import load_eval_data
         from dfield.core.image_rendering import render_image
+        from dfield.features.fitting import fit_features
+        from dfield.features.pca import FeaturePCA
+        from dfield.io.export import save_png
+        from dfield.io.run import load_eval_data, open_run
 
         r = open_run(args.run)
-        add_feature_field(r.model, 64, teacher.dim)
+        r.model.add_feature_field(64, teacher.dim)
         fit = fit_features(r.model, data, maps, iterations=args.fit_iterations)
         r.model.eval()
         test = load_eval_data(r.cfg)

@@ -54,7 +54,7 @@ def joint(args) -> dict:
         trainer = Trainer.create(cfg, args.work / "run", overwrite=True)
     cache_s = time.perf_counter() - t0
     with PeakMemory() as train_mem:
-        trainer.train(progress=False)
+        trainer.train()
     maps = trainer.teacher_maps.maps
     return {"views": len(trainer.data), "image_size": [trainer.data.width, trainer.data.height],
             "teacher_dim": int(maps.shape[-1]), "map_shape": list(maps.shape), "map_bytes": int(maps.nbytes),
@@ -68,12 +68,12 @@ def joint(args) -> dict:
 
 
 def distilled(args, method: str) -> dict:
-    from dfield.io.checkpoint import latest_checkpoint
     from dfield.features.distill import distill
+    from dfield.io.checkpoint import latest_checkpoint
 
     run = args.work / "run"
     d = distill(run, args.teacher, method=method, iterations=args.fit_iterations, lift_voxels=args.lift_voxels,
-                threads=args.threads, progress=False)
+                threads=args.threads)
     ckpt = latest_checkpoint(run / "checkpoints") / "model.safetensors"
     return {**d.summary, "checkpoint_model_bytes": ckpt.stat().st_size}
 

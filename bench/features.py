@@ -24,15 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dfield.app import api  # noqa: E402
-from dfield.data.generate import SceneSpec, generate_scene  # noqa: E402
-from dfield.features.fitting import add_feature_field, fit_features  # noqa: E402
-from dfield.features.segmentation import segmentation_eval  # noqa: E402
-from dfield.features.lifting import lift_features  # noqa: E402
-from dfield.io.run import open_run  # noqa: E402
-from dfield.features.teachers import cached_features, make_teacher  # noqa: E402
-from dfield.features.teachers import feature_cache_dir  # noqa: E402
-from dfield.io.run import load_eval_data, load_train_data  # noqa: E402
+from dfield.app import api
+from dfield.data.generate import SceneSpec, generate_scene
+from dfield.features.fitting import fit_features
+from dfield.features.lifting import lift_features
+from dfield.features.segmentation import segmentation_eval
+from dfield.features.teachers import cached_features, feature_cache_dir, make_teacher
+from dfield.io.run import load_eval_data, load_train_data, open_run
 
 
 def main() -> None:
@@ -59,11 +57,11 @@ def main() -> None:
     train, test = load_train_data(r.cfg), load_eval_data(r.cfg)
     teacher = make_teacher(args.teacher)
     t0 = time.perf_counter()
-    maps = cached_features(teacher, train, feature_cache_dir(), progress=False)
+    maps = cached_features(teacher, train, feature_cache_dir())
     teacher_s = time.perf_counter() - t0
 
     distilled = copy.deepcopy(r.model)
-    add_feature_field(distilled, 32, teacher.dim)
+    distilled.add_feature_field(32, teacher.dim)
     fit = fit_features(distilled, train, maps, iterations=args.distill_iterations)
     distilled.eval()
     seg_d = segmentation_eval(distilled, test, teacher)

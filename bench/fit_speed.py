@@ -23,13 +23,14 @@ from pathlib import Path
 
 import torch
 
+from dfield.app.progress import ProgressBars
 from dfield.config import DataConfig, TrainConfig, to_dict
-from dfield.training.evaluate import evaluate_views
 from dfield.core.metrics import PeakMemory
-from dfield.models.nerf import NeRFModelConfig
-from dfield.training.trainer import Trainer
 from dfield.errors import TrainingDiverged
 from dfield.io.run import load_eval_data
+from dfield.models.nerf import NeRFModelConfig
+from dfield.training.evaluate import evaluate_views
+from dfield.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared/data/blender_lego_400"
@@ -114,7 +115,8 @@ def fit_one(args, model: str, run_root: Path) -> dict:
               f"{len(test)} test views, {cfg.batch_rays} rays/step, up to {cfg.iterations} steps / {cfg.max_seconds:g} s", flush=True)
         error = None
         try:
-            trainer.train(hooks=[hook], progress=args.progress)
+            with ProgressBars(args.progress) as bars:
+                trainer.train(hooks=[hook], progress=bars)
         except TrainingDiverged as e:
             error = str(e)
             print(f"  {model}: {error}", flush=True)

@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dfield.query.evaluation import format_object_table, query_iou_per_object  # noqa: E402
-from dfield.query.spec import QuerySpec  # noqa: E402
-from dfield.query.context import context  # noqa: E402
+from dfield.query.context import context
+from dfield.query.evaluation import format_object_table, query_iou_per_object
+from dfield.query.spec import QuerySpec
 
 SWEEP = {"clusters": (8, 16, 24), "claim": (0.7, 0.8, 0.9), "temperature": (0.05, 0.1, 0.2),
          "threshold": (0.3, 0.5, 0.7)}

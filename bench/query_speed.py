@@ -24,11 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dfield.query.relevance import relevance  # noqa: E402
-from dfield.query.context import QueryContext  # noqa: E402
-from dfield.query.spec import QuerySpec  # noqa: E402
-from dfield.query.builder import make_query  # noqa: E402
-from dfield.io.run import open_run  # noqa: E402
+from dfield.io.run import open_run
+from dfield.query.builder import make_query
+from dfield.query.context import QueryContext
+from dfield.query.relevance import relevance
+from dfield.query.spec import QuerySpec
 
 
 def opaque_pixels(ctx: QueryContext, view: int, n: int) -> list[tuple[int, int]]:

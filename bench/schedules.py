@@ -25,15 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dfield.app import api  # noqa: E402
-from dfield.data.generate import SceneSpec, generate_scene  # noqa: E402
-from dfield.features.distill import distill  # noqa: E402
-from dfield.training.evaluate import evaluate_views  # noqa: E402
-from dfield.features.segmentation import segmentation_eval  # noqa: E402
-from dfield.io.run import open_run  # noqa: E402
-from dfield.features.teachers import make_teacher  # noqa: E402
-from dfield.training.trainer import Trainer  # noqa: E402
-from dfield.io.run import load_eval_data  # noqa: E402
+from dfield.app import api
+from dfield.data.generate import SceneSpec, generate_scene
+from dfield.features.distill import distill
+from dfield.features.segmentation import segmentation_eval
+from dfield.features.teachers import make_teacher
+from dfield.io.run import load_eval_data, open_run
+from dfield.training.evaluate import evaluate_views
+from dfield.training.trainer import Trainer
 
 
 def train(scene: Path, out: Path, args, teacher: str, start_step: int = 0) -> float:
@@ -41,7 +40,7 @@ def train(scene: Path, out: Path, args, teacher: str, start_step: int = 0) -> fl
     cfg.iterations, cfg.threads, cfg.seed = args.iterations, args.threads, args.seed
     cfg.features.teacher, cfg.features.start_step = teacher, start_step
     trainer = Trainer.create(cfg, out, overwrite=True)
-    trainer.train(progress=False)
+    trainer.train()
     return trainer.seconds
 
 
@@ -82,8 +81,7 @@ def main() -> None:
                               "radiance_steps": args.iterations, "feature_steps": args.iterations - start}
     t = train(scene, work / "features_second", args, "")
     t0 = time.perf_counter()
-    d = distill(work / "features_second", args.teacher, method="fit", iterations=fit_steps, threads=args.threads,
-                progress=False)
+    d = distill(work / "features_second", args.teacher, method="fit", iterations=fit_steps, threads=args.threads)
     rows["features-second"] = {**score(work / "features_second", teacher), "seconds": t + d.summary["seconds"],
                                "radiance_seconds": t, "fit_seconds": d.summary["seconds"],
                                "distill_command_seconds": time.perf_counter() - t0,

@@ -26,17 +26,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dfield.edit.spec import parse_select, parse_spec  # noqa: E402
-from dfield.edit.locality import best_object, json_number, locality, object_overlaps, render_pair  # noqa: E402
-from dfield.edit.build import build_edited, make_selection  # noqa: E402
-from dfield.errors import EditError  # noqa: E402
-from dfield.errors import QueryError  # noqa: E402
-from dfield.core.metrics import iou  # noqa: E402
-from dfield.query.evaluation import object_prompt, query_iou_per_object  # noqa: E402
-from dfield.query.context import context  # noqa: E402
-from dfield.core.rays import camera_image_rays  # noqa: E402
-from dfield.core.rendering import render_field  # noqa: E402
-from dfield.core.image_rendering import ndc_of  # noqa: E402
+from dfield.core.image_rendering import ndc_of
+from dfield.core.metrics import iou
+from dfield.core.rays import camera_image_rays
+from dfield.core.rendering import render_field
+from dfield.edit.build import build_edited, make_selection
+from dfield.edit.locality import best_object, json_number, locality, object_overlaps, render_pair
+from dfield.edit.spec import parse_select, parse_spec
+from dfield.errors import EditError, QueryError
+from dfield.query.context import context
+from dfield.query.evaluation import object_prompt, query_iou_per_object
 
 GROUND = 1  # generated scenes: id 1 is the ground disk (dfield.query.evaluation.mean_scores leaves it out the same way)
 COLUMNS = ("patch_iou", "click_iou", "delete_locality_psnr")
@@ -49,8 +48,7 @@ def selection_channels(run, cameras, i: int, selections: dict, chunk: int = 8192
     base = run.model
     rays = camera_image_rays(cameras, i, ndc_of(run.scene))
     channels = {k: s.mask for k, s in selections.items()}
-    outs = [render_field(base.as_field(), rays[s : s + chunk], base.near, base.far, base.step, base.background, None,
-                         False, base.cfg.weight_threshold, base.cfg.max_samples, channels)
+    outs = [render_field(base.as_field(), rays[s : s + chunk], base.render_settings(), channels=channels)
             for s in range(0, len(rays), chunk)]
     h, w = cameras.height, cameras.width
     res = {k: torch.cat([o[k] for o in outs]).reshape(h, w) for k in channels}

@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 from dfield.app import api
-from dfield.io.checkpoint import latest_checkpoint
 from dfield.app.cli import main
+from dfield.core.rays import image_rays
 from dfield.data import load_dataset
 from dfield.features.distill import distill
 from dfield.fields.lifted import LiftedFeatures
-from dfield.core.rays import image_rays
+from dfield.io.checkpoint import latest_checkpoint
 from dfield.io.run import open_run
 from dfield.training.trainer import Trainer
 

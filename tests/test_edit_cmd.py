@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from dfield.app.cli import main
-from dfield.edit.spec import parse_spec
+from dfield.core.image_rendering import render_image
 from dfield.edit.build import build_edited
+from dfield.edit.spec import parse_spec
 from dfield.errors import EditError
 from dfield.io.run import open_run
-from dfield.core.image_rendering import render_image
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
+from dfield.edit.colors import color_transfer, hsv_to_rgb, hue_shift, rgb_to_hsv, set_color
+from dfield.edit.selection import BoxSelection, VoxelSelection, selection_bounds
 from dfield.edit.spec import load_spec, parse_spec
 from dfield.edit.wrappers import Delete, Extract, Place, Recolor, affine
 from dfield.errors import EditError
-from dfield.edit.colors import color_transfer, hsv_to_rgb, hue_shift, rgb_to_hsv, set_color
-from dfield.edit.selection import BoxSelection, VoxelSelection, selection_bounds
 
 
 class Balls:

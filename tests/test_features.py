@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
+from dfield.core.rays import Rays
 from dfield.data import load_dataset
 from dfield.features.fitting import fit_features
-from dfield.features.segmentation import nearest_label, segmentation_eval
 from dfield.features.lifting import lift_features
-from dfield.models.grid import GridModel, GridModelConfig
-from dfield.fields.tensorf import TensoRFConfig
-from dfield.core.rays import Rays
+from dfield.features.segmentation import nearest_label, segmentation_eval
 from dfield.features.teachers import Teacher, registry
 from dfield.features.teachers.cache import FeatureMaps
+from dfield.fields.tensorf import TensoRFConfig
+from dfield.models.grid import GridModel, GridModelConfig
 from dfield.training.trainer import Trainer
 
 

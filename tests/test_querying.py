@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from dfield.app.cli import main
-from dfield.errors import QueryError
-from dfield.query.evaluation import inscribed_square, object_prompt, query_iou_per_object
 from dfield.core.metrics import iou
-from dfield.query.relevance import relevance
-from dfield.query.outputs import run_query, selection_points
-from dfield.query.context import QueryContext, context
-from dfield.query.spec import QuerySpec
-from dfield.query.clusters import far_clusters, scene_clusters, spherical_kmeans
-from dfield.query.builder import make_query
-from dfield.io.run import open_run
+from dfield.errors import QueryError
 from dfield.features.teachers import SyntheticTeacher, register_teacher
+from dfield.io.run import open_run
+from dfield.query.builder import make_query
+from dfield.query.clusters import far_clusters, scene_clusters, spherical_kmeans
+from dfield.query.context import QueryContext, context
+from dfield.query.evaluation import inscribed_square, object_prompt, query_iou_per_object
+from dfield.query.outputs import run_query, selection_points
+from dfield.query.relevance import relevance
+from dfield.query.spec import QuerySpec
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+from conftest import look_at
 from PIL import Image
 
 from dfield.data import load_dataset
@@ -14,8 +15,6 @@ from dfield.data.blender import estimate_bounds
 from dfield.data.colmap import c2w_opengl
 from dfield.data.images import read_ids, read_image
 from dfield.data.load import detect_format
-from conftest import look_at
-
 
 # ---------------------------------------------------------------- images
 

@@ -10,10 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from dfield.data.dataset import Cameras, Dataset
 from dfield.core.metrics import miou
-from dfield.features.teachers import (FeatureMaps, SyntheticTeacher, Teacher, TeacherError, cached_features, make_teacher,
-                             register_teacher, segment)
+from dfield.data.dataset import Cameras, Dataset
+from dfield.features.teachers import (
+    FeatureMaps,
+    SyntheticTeacher,
+    Teacher,
+    TeacherError,
+    cached_features,
+    make_teacher,
+    register_teacher,
+    segment,
+)
 from dfield.features.teachers.synthetic import mode_downsample
 
 

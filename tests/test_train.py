@@ -11,15 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dfield.io.checkpoint import latest_checkpoint
-from dfield.io.run import load_config
 from dfield.config import to_dict
-from dfield.training.evaluate import evaluate_run, evaluate_views
-from dfield.models.nerf import NeRFModelConfig
-from dfield.io.run import SceneInfo, build_model, open_run
-from dfield.training.trainer import Trainer
 from dfield.errors import TrainingDiverged
-from dfield.io.run import load_eval_data
+from dfield.io.checkpoint import latest_checkpoint
+from dfield.io.run import SceneInfo, build_model, load_config, load_eval_data, open_run
+from dfield.models.nerf import NeRFModelConfig
+from dfield.training.evaluate import evaluate_run, evaluate_views
+from dfield.training.trainer import Trainer
 
 torch.set_num_threads(1)
 

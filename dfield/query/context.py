@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from dfield.core.image_rendering import ndc_of
 from dfield.data.dataset import Cameras, Dataset
 from dfield.errors import QueryError
 from dfield.features.teachers import cached_features, feature_cache_dir, make_teacher
-from dfield.core.image_rendering import ndc_of
 from dfield.io.run import Run, load_eval_data, load_train_data, open_run
 from dfield.query.clusters import scene_clusters
 from dfield.query.render_cache import RenderCache, RenderedView

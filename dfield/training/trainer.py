@@ -23,9 +23,23 @@ from dfield.core.sampling import ray_aabb
 from dfield.data.dataset import Dataset
 from dfield.errors import RunError, TrainingDiverged
 from dfield.features.teachers import cached_features, feature_cache_dir, make_teacher
-from dfield.io.checkpoint import latest_checkpoint, load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
-from dfield.io.run import (SceneInfo, build_model, load_config, load_model_state, load_train_data, model_tensors,
-                           save_config, with_checkpoint_features)
+from dfield.io.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    optimizer_tensors,
+    restore_optimizer,
+    save_checkpoint,
+)
+from dfield.io.run import (
+    SceneInfo,
+    build_model,
+    load_config,
+    load_model_state,
+    load_train_data,
+    model_tensors,
+    save_config,
+    with_checkpoint_features,
+)
 from dfield.models.losses import feature_loss
 
 Progress = Callable[[str, int, int, dict | None], None]
