@@ -18,6 +18,8 @@ from dfield.models.nerf import NeRFModelConfig
 
 @dataclass
 class DataConfig:
+    """Where the scene is and how it is loaded: folder, downscaling, background, LLFF mode and test split."""
+
     path: tyro.conf.Positional[Path] = Path(".")
     """Scene folder: Blender/nerfstudio transforms*.json, LLFF poses_bounds.npy, or COLMAP sparse/0."""
     downscale: float = 1.0
@@ -35,6 +37,8 @@ class DataConfig:
 
 @dataclass
 class FeatureConfig:
+    """The feature field distilled from a 2D teacher: teacher, width, loss and when it starts."""
+
     teacher: str = ""
     """2D teacher to distil into a 3D feature field: '' (none), synthetic, dinov2, clip, files:FOLDER."""
     dim: int = 32
@@ -55,6 +59,8 @@ class FeatureConfig:
 
 @dataclass
 class TrainConfig:
+    """A whole training run: data, model (grid or nerf) and its settings, features, schedule and resources."""
+
     data: Annotated[DataConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=DataConfig)
     model: Literal["grid", "nerf"] = "grid"
     """grid: factorised TensoRF-style field (fast on a CPU); nerf: the original PE-MLP NeRF (reference)."""

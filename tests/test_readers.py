@@ -18,6 +18,7 @@ from dfield.data.load import detect_format
 
 # ---------------------------------------------------------------- images
 
+
 def test_rgba_box_downscale_is_premultiplied_then_composited(tmp_path):
     px = np.array([[[255, 0, 0, 255], [0, 255, 0, 0]],  # opaque red, fully transparent green
                    [[0, 0, 255, 128], [255, 255, 255, 255]]], np.uint8)  # half blue, opaque white

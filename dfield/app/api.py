@@ -53,6 +53,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, overwrite: bool = F
                 load_eval_data(cfg)  # a broken test split must fail now, not after training
             trainer = Trainer.create(cfg, out, overwrite=overwrite, progress=bars)
         _fit(trainer, bars)
+    _trained(trainer)
     if evaluate:
         _evaluate(trainer.run_dir, device=trainer.cfg.device)
     return trainer.run_dir
@@ -63,6 +64,7 @@ def resume(run: Path, iterations: int | None = None, evaluate: bool = True, prog
     with ProgressBars(progress, console) as bars:
         trainer = Trainer.resume(run, iterations=iterations, progress=bars)
         _fit(trainer, bars)
+    _trained(trainer)
     if evaluate:
         _evaluate(trainer.run_dir, device=trainer.cfg.device)
     return trainer.run_dir
@@ -79,6 +81,9 @@ def _fit(trainer: Trainer, bars: ProgressBars) -> None:
     console.print(f"training {cfg.model} on {len(trainer.data)} views of {trainer.data.width}x{trainer.data.height} "
                   f"({cfg.data.path}) -> {trainer.run_dir}")
     trainer.train(progress=bars)
+
+
+def _trained(trainer: Trainer) -> None:
     console.print(f"trained {trainer.step} steps in {trainer.seconds:.1f} s; last batch PSNR "
                   f"{trainer.last.get('psnr', float('nan')):.2f} dB")
 

@@ -45,7 +45,9 @@ def demo(out: Path = Path("demo_out"), seed: int = 0, iterations: int | None = N
         print(f"  {f}")
     return summary
 
+
 DEMO_OBJECT = 2  # the first generated object (seed 0: the orange sphere)
+
 
 def _demo_meaning(run_dir: Path, scene_dir: Path, out: Path, steps: int) -> dict:
     """Features, a patch query and one edit of each kind on the demo scene, as a user would do them."""
@@ -77,6 +79,7 @@ def _demo_meaning(run_dir: Path, scene_dir: Path, out: Path, steps: int) -> dict
         op: {k: r[k] for k in ("locality_psnr_min", "selections") if k in r} for op, r in results.items()},
         "edit_overview": str(sheet)}
 
+
 def _demo_patch(scene_dir: Path, object_id: int) -> tuple[int, list[int], str]:
     """The training view showing the object largest, and a box inside its ground-truth mask (what a user would draw)."""
     meta = json.loads((scene_dir / "objects.json").read_text())
@@ -87,6 +90,7 @@ def _demo_patch(scene_dir: Path, object_id: int) -> tuple[int, list[int], str]:
     x, y, r = inscribed_square(torch.from_numpy(masks[view]))
     h = r - 1  # the square of half-width r - 1 around (x, y) lies inside the mask
     return view, [int(x) - h, int(y) - h, int(x) + h + 1, int(y) + h + 1], name
+
 
 def _demo_sheet(edits_dir: Path, ops: list[str]) -> Path:
     """One picture: the original test view, then each edit of it."""
@@ -100,6 +104,7 @@ def _demo_sheet(edits_dir: Path, ops: list[str]) -> Path:
     path = edits_dir / "overview.png"
     sheet.save(path)
     return path
+
 
 def demo_config(scene_dir: Path) -> TrainConfig:
     """Default settings with a shorter schedule: about 4-5 minutes of training on 2 cores (~35 dB)."""

@@ -13,7 +13,10 @@ from dfield.data.dataset import Cameras
 class RayRenderer(Protocol):
     """What whole-image rendering needs: a model (trained or edited) that renders rays in chunks."""
 
-    def render_chunked(self, rays: Rays, chunk: int = 8192, **kwargs) -> dict[str, torch.Tensor]: ...
+    def render_chunked(self, rays: Rays, chunk: int = 8192, **kwargs) -> dict[str, torch.Tensor]:
+        """Render R rays, at most `chunk` at a time, -> per-ray outputs with R first: rgb (R, 3), depth (R,),
+        acc (R,), and whatever `kwargs` ask for (feature (R, C), channels)."""
+        ...
 
 
 @torch.no_grad()

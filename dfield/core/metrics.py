@@ -103,6 +103,9 @@ class LPIPS:
 
     @classmethod
     def create(cls, device="cpu"):
+        """(LPIPS on `device`, None), or (None, one-line reason) when lpips or its weights are not on disk.
+
+        Never downloads: torch.hub downloads are blocked while the model is built."""
         reason = _lpips_unavailable_reason()
         if reason is not None:
             return None, reason
@@ -183,6 +186,8 @@ def miou(pred_ids, gt_ids, ids=None, ignore=None):
 
 
 def pixel_accuracy(pred_ids, gt_ids, ignore=None) -> float:
+    """Fraction of pixels whose predicted id equals the ground truth; pixels where gt == `ignore` do not count
+    (nan if none counts)."""
     pred, gt = _ids(pred_ids), _ids(gt_ids)
     gt = gt.to(pred.device)
     valid = torch.ones_like(gt, dtype=torch.bool) if ignore is None else gt != ignore
@@ -247,11 +252,13 @@ class PeakMemory:
         return False
 
     def read(self) -> dict:
+        """Record the peaks so far in `rss_bytes` / `cuda_bytes` and return them as a dict of those two keys."""
         self.rss_bytes = peak_rss_bytes()
         self.cuda_bytes = torch.cuda.max_memory_allocated(self.device) if self._cuda() else None
         return {"rss_bytes": self.rss_bytes, "cuda_bytes": self.cuda_bytes}
 
     def summary(self) -> str:
+        """One line for logs, in MiB: 'peak RSS ... MiB[, peak CUDA allocated ... MiB]' (reads first if never read)."""
         if self.rss_bytes is None:
             self.read()
         s = f"peak RSS {self.rss_bytes / 2**20:.0f} MiB" + ("" if self.rss_reset else " (process lifetime)")

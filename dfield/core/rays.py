@@ -15,6 +15,8 @@ from dfield.data.dataset import Cameras, Dataset
 
 @dataclass
 class Rays:
+    """A batch of R rays: origins and directions, both (R, 3); index or slice it like a tensor."""
+
     origins: torch.Tensor  # (R, 3)
     directions: torch.Tensor  # (R, 3)
 
@@ -25,6 +27,7 @@ class Rays:
         return Rays(self.origins[sl], self.directions[sl])
 
     def to(self, device) -> "Rays":
+        """The same rays on `device`."""
         return Rays(self.origins.to(device), self.directions.to(device))
 
 
@@ -82,6 +85,7 @@ def field_rays(cameras: Cameras, cam_idx, u, v, ndc: tuple[float, int, int] | No
 
 
 def dataset_rays(data: Dataset, cam_idx: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> Rays:
+    """`field_rays` through pixel coordinates (u, v) of the dataset's cameras, in NDC when the dataset is."""
     return field_rays(data.cameras, cam_idx, u, v, (data.ndc_focal, *data.ndc_size) if data.ndc else None)
 
 
@@ -94,13 +98,14 @@ def camera_image_rays(cameras: Cameras, i: int, ndc: tuple[float, int, int] | No
 
 
 def image_rays(data: Dataset, i: int) -> Rays:
+    """All rays of view `i` of the dataset, row-major (H*W rays), in NDC when the dataset is."""
     return camera_image_rays(data.cameras, i, (data.ndc_focal, *data.ndc_size) if data.ndc else None)
 
 
 class RayBatcher:
     """Draws random training rays with their target colours, reproducibly from its own generator.
 
-    Pixels are drawn uniformly over all training pixels. `keep` restricts the draw to a subset (e.g. the
+    Pixels are drawn uniformly over all training pixels. `restrict` limits the draw to a subset (e.g. the
     pixels whose rays hit the scene box), which saves work on rays that can only ever see background.
     """
 
@@ -113,6 +118,7 @@ class RayBatcher:
         self.colors = data.images.reshape(-1, 3)
 
     def restrict(self, pool: torch.Tensor | None) -> None:
+        """Draw from now on only from these flat pixel ids (1D long), or from all pixels again with None."""
         self.pool = pool
 
     def sample(self) -> tuple[Rays, torch.Tensor, torch.Tensor]:
@@ -129,7 +135,9 @@ class RayBatcher:
         return rays, self.colors[ids].float() / 255.0
 
     def state(self) -> torch.Tensor:
+        """The random generator's state (uint8 tensor), to checkpoint so a resumed run draws the same batches."""
         return self.gen.get_state()
 
     def set_state(self, state: torch.Tensor) -> None:
+        """Restore a generator state from `state()`."""
         self.gen.set_state(state)

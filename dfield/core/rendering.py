@@ -68,9 +68,13 @@ class Field(Protocol):
     occupancy: object | None
     features: Callable[[torch.Tensor], torch.Tensor] | None
 
-    def density(self, x: torch.Tensor) -> torch.Tensor: ...
+    def density(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3) points -> (N,) densities sigma >= 0, per unit length of the field's space (world, or NDC)."""
+        ...
 
-    def color(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor: ...
+    def color(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """(N, 3) points and (N, 3) ray directions -> (N, 3) colours in [0, 1]."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -67,9 +67,11 @@ class OccupancyGrid:
         return torch.stack([lo, hi])
 
     def state(self) -> dict[str, torch.Tensor]:
+        """The grid as tensors to save: aabb (2, 3) and occupied (res, res, res) as uint8."""
         return {"aabb": self.aabb, "occupied": self.occupied.to(torch.uint8)}
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the grid from `state()` output; the resolution comes from the saved mask."""
         self.aabb = state["aabb"].float()
         self.occupied = state["occupied"].bool()
         self.resolution = self.occupied.shape[0]

@@ -169,6 +169,17 @@ def _object_names(root: Path) -> dict[int, str]:
 
 def read_blender(path: Path, split: str = "train", downscale: float = 1.0, background=(1.0, 1.0, 1.0),
                  holdout_every: int = 8) -> Dataset:
+    """Read one split of a Blender / nerfstudio scene (`path`: its folder or a transforms*.json).
+
+    `split` is train, val, test or all. With transforms_{train,val,test}.json the files are the splits (val falls
+    back to test); with a single transforms.json every `holdout_every`-th frame is held out for val/test. Images
+    are resized by 1 / `downscale` and composited onto `background`; intrinsics follow. Bounds come from
+    "aabb" / "near" / "far" in the json when present, else `estimate_bounds` over the cameras of every split.
+    Per-pixel object ids ("id_path") and objects.json names are read when the scene has them.
+
+    Raises:
+        DataError: missing or malformed files, images of different sizes, or an empty split.
+    """
     root, files = scene_files(path)
     metas = {name: _read_json(p) for name, p in files.items()}
     frames = {name: _parse_frames(files[name], m, root) for name, m in metas.items()}

@@ -29,6 +29,8 @@ SUPPORTED = ("SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV")
 
 @dataclass
 class ColmapCamera:
+    """One COLMAP camera: model name (e.g. PINHOLE), the size it was calibrated at, and its model parameters."""
+
     model: str
     width: int
     height: int
@@ -37,6 +39,8 @@ class ColmapCamera:
 
 @dataclass
 class ColmapImage:
+    """One registered COLMAP image: its world-to-camera pose, camera id, file name and observed 3D point ids."""
+
     qvec: np.ndarray  # (w, x, y, z), world-to-camera rotation
     tvec: np.ndarray  # world-to-camera translation (OpenCV camera axes)
     camera_id: int
@@ -97,6 +101,7 @@ def _records(path: Path):
 
 
 def read_cameras(path: Path) -> dict[int, ColmapCamera]:
+    """camera_id -> camera, from cameras.bin or cameras.txt (by suffix). Raises DataError on a malformed file."""
     cams = {}
     if path.suffix == ".bin":
         r = _Reader(path)
@@ -120,6 +125,7 @@ def read_cameras(path: Path) -> dict[int, ColmapCamera]:
 
 
 def read_images(path: Path) -> dict[int, ColmapImage]:
+    """image_id -> image, from images.bin or images.txt (by suffix). Raises DataError on a malformed file."""
     images = {}
     if path.suffix == ".bin":
         r = _Reader(path)
@@ -175,6 +181,12 @@ def read_points(path: Path) -> dict[int, np.ndarray]:
 
 
 def qvec_to_rotation(q: np.ndarray) -> np.ndarray:
+    """(3, 3) rotation matrix of a quaternion (w, x, y, z), normalised first (COLMAP's convention).
+
+    Example:
+        >>> qvec_to_rotation(np.array([2.0, 0, 0, 0])).tolist()  # any scale of the identity quaternion
+        [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    """
     w, x, y, z = q / np.linalg.norm(q)
     return np.array([
         [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
@@ -254,6 +266,16 @@ def _near_far(c2w: np.ndarray, obs: list[np.ndarray]) -> tuple[float, float]:
 
 def read_colmap(root: Path, split: str = "train", downscale: float = 1.0, background=(1.0, 1.0, 1.0),
                 holdout_every: int = 8) -> Dataset:
+    """Read one split of a COLMAP scene: the model in sparse/0, sparse or `root`, images from `pick_image_folder`.
+
+    Images sorted by name; every `holdout_every`-th is held out for val/test (`split` train, val, test or all).
+    Poses become OpenGL camera-to-world, and the scene is shifted and scaled so the 1st..99th percentile box
+    of the 3D points fits in [-1, 1]^3 (that box is the aabb); near/far come from the depths of the points
+    each view observes. Pinhole-like models only; lens distortion is ignored with a warning.
+
+    Raises:
+        DataError: no model, malformed files, unsupported camera models, invalid poses or images of different sizes.
+    """
     root = Path(root)
     model = find_model(root)
     if model is None:

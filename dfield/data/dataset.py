@@ -20,6 +20,8 @@ from dfield.errors import DataError  # noqa: F401  (readers raise it; re-exporte
 
 @dataclass
 class Cameras:
+    """N pinhole cameras sharing one image size: OpenGL camera-to-world poses and intrinsics in pixels."""
+
     c2w: torch.Tensor  # (N, 3, 4) float32
     fx: torch.Tensor  # (N,) float32, pixels
     fy: torch.Tensor
@@ -42,6 +44,7 @@ class Cameras:
         return replace(self, fx=self.fx * sx, fy=self.fy * sy, cx=self.cx * sx, cy=self.cy * sy, width=w, height=h)
 
     def to(self, device) -> "Cameras":
+        """The same cameras with their tensors on `device`."""
         return replace(self, **{k: getattr(self, k).to(device) for k in ("c2w", "fx", "fy", "cx", "cy")})
 
 
@@ -73,13 +76,16 @@ class Dataset:
 
     @property
     def height(self) -> int:
+        """Image height H in pixels (that of the cameras)."""
         return self.cameras.height
 
     @property
     def width(self) -> int:
+        """Image width W in pixels (that of the cameras)."""
         return self.cameras.width
 
     def subset(self, idx) -> "Dataset":
+        """The views `idx` (an int or a sequence of ints), in that order, with everything else unchanged."""
         idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
         return replace(
             self,
@@ -90,4 +96,5 @@ class Dataset:
         )
 
     def float_images(self) -> torch.Tensor:
+        """(N, H, W, 3) float32 images in [0, 1] (a new tensor, four times the memory of `images`)."""
         return self.images.float() / 255.0

@@ -62,6 +62,9 @@ PATTERNS = ("plain", "stripes", "checker", "dots")
 
 @dataclass
 class SceneSpec:
+    """What `generate_scene` renders: seed (layout, light, cameras), views per split, image size, object count
+    and the cameras' field of view, distance and elevation range."""
+
     seed: int = 0
     n_train: int = 60
     n_test: int = 20

@@ -41,6 +41,7 @@ def find_image(base: Path) -> Path:
 
 
 def list_images(folder: Path) -> list[Path]:
+    """The image files (png, jpg, jpeg, any case) directly in `folder`, sorted by path."""
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
 
 

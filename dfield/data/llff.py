@@ -54,6 +54,17 @@ def read_poses_bounds(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def read_llff(root: Path, split: str = "train", downscale: float = 1.0, background=(1.0, 1.0, 1.0),
               holdout_every: int = 8, mode: str = "ndc") -> Dataset:
+    """Read one split of an LLFF scene (poses_bounds.npy and images*/), as the original NeRF loader does.
+
+    Poses are scaled so the nearest bound sits at 1 / 0.75 and recentred on their average pose; every
+    `holdout_every`-th image is held out for val/test. `mode` "ndc" models the scene in normalised device
+    coordinates (aabb `NDC_AABB`, near 0, far 1); "contract" keeps world space inside `CONTRACT_AABB`, with
+    near/far from the padded depth bounds.
+
+    Raises:
+        DataError: missing or malformed files, or images that do not match the poses.
+        ValueError: an unknown `mode`.
+    """
     root = Path(root)
     npy = root / "poses_bounds.npy"
     c2w, bounds, (hwf_h, hwf_w, focal) = read_poses_bounds(npy)

@@ -24,8 +24,8 @@ def look_at(eye: torch.Tensor, target: torch.Tensor, up: torch.Tensor) -> torch.
 
     Example:
         >>> c2w = look_at(torch.tensor([[0.0, -4.0, 0.0]]), torch.zeros(3), torch.tensor([0.0, 0.0, 1.0]))
-        >>> c2w[0, :, 2].tolist()  # back axis: away from the target
-        [0.0, -1.0, 0.0]
+        >>> c2w[0, :, 2] + 0.0  # back axis: away from the target
+        tensor([ 0., -1.,  0.], dtype=torch.float64)
     """
     eye = torch.as_tensor(eye).double()
     fwd = normalize(torch.as_tensor(target).double() - eye)

@@ -11,6 +11,14 @@ ColorFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def rgb_to_hsv(c: torch.Tensor) -> torch.Tensor:
+    """(..., 3) RGB in [0, 1] -> (..., 3) HSV, each in [0, 1] (hue in turns: 0 red, 1/3 green, 2/3 blue).
+
+    Grey (no chroma) gets hue 0, black saturation 0.
+
+    Example:
+        >>> rgb_to_hsv(torch.tensor([[1.0, 0.5, 0.0]]))  # orange: a twelfth of a turn from red
+        tensor([[0.0833, 1.0000, 1.0000]])
+    """
     r, g, b = c.unbind(-1)
     mx, mn = c.max(-1).values, c.min(-1).values
     delta = mx - mn
@@ -22,6 +30,7 @@ def rgb_to_hsv(c: torch.Tensor) -> torch.Tensor:
 
 
 def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    """Inverse of `rgb_to_hsv`: (..., 3) HSV in [0, 1] (hue in turns, wrapping) -> (..., 3) RGB in [0, 1]."""
     h, s, v = hsv.unbind(-1)
     k = lambda n: (n + h * 6) % 6
     f = lambda n: v - v * s * torch.clamp(torch.minimum(k(n), 4 - k(n)), 0, 1)

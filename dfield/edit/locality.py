@@ -44,6 +44,9 @@ def untouched_mask(touched: torch.Tensor, threshold: float = 0.01, grow: int = 1
 
 
 def locality(pair: dict) -> dict:
+    """Score a `render_pair` over its untouched pixels (`untouched_mask`): PSNR of the edited render against the
+    original there (inf when identical, nan when no pixel is untouched), their largest absolute difference, and
+    the fraction of pixels that count."""
     keep = untouched_mask(pair["touched"])
     value = psnr(pair["rgb"], pair["base_rgb"], keep)
     diff = (pair["rgb"] - pair["base_rgb"]).abs()[keep]

@@ -21,6 +21,8 @@ from dfield.query.sets import QuerySet
 
 
 class Selection:
+    """Base of all selections: `prob` scores points in [0, 1]; a point is selected when its score >= `threshold`."""
+
     threshold: float = 0.5
 
     def prob(self, x: torch.Tensor) -> torch.Tensor:
@@ -28,6 +30,7 @@ class Selection:
         raise NotImplementedError
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3) points -> (N,) bool: selected (`prob` >= `threshold`)."""
         return self.prob(x) >= self.threshold
 
 
@@ -110,6 +113,7 @@ class VoxelSelection(Selection):
         return torch.where(inside, self.grid.to(x.device).reshape(-1)[flat], x.new_zeros(()))
 
     def voxel_count(self) -> int:
+        """Number of selected cells (score >= `threshold`)."""
         return int((self.grid >= self.threshold).sum())
 
 

@@ -31,6 +31,9 @@ OPS = ("extract", "delete", "recolor", "transform", "composite")
 
 @dataclass
 class Select:
+    """What an edit acts on: exactly one of text queries, a patch, a click or a world box, and how the selection
+    is scored and cleaned up (negatives, threshold, temperature, hysteresis, connectivity, dilation, grid size)."""
+
     text: list[str] = field(default_factory=list)
     patch: list[float] | None = None
     """[VIEW, X0, Y0, X1, Y1]: a box in pixels of training view VIEW."""
@@ -54,6 +57,9 @@ class Select:
 
 @dataclass
 class Edit:
+    """One edit of a spec: the op, its selection, the recolour (one of hue_shift, color, transfer), the placement
+    (translate, rotate in xyz degrees, scale, pivot) and, for composite, the other run to insert."""
+
     op: str
     select: Select | None = None
     hue_shift: float | None = None
@@ -83,6 +89,12 @@ def _keys(where: str, d, cls) -> None:
 
 
 def parse_select(where: str, d) -> Select:
+    """Validate a `select:` mapping into a Select (a text string becomes a one-item list, vectors become floats).
+
+    Raises:
+        EditError: naming `where`, for an unknown key, not exactly one of text/patch/click/box, a vector of the
+            wrong length, or a threshold outside (0, 1).
+    """
     _keys(where, d, Select)
     s = Select(**d)
     given = [k for k in ("text", "patch", "click", "box") if getattr(s, k)]
@@ -104,6 +116,12 @@ def parse_select(where: str, d) -> Select:
 
 
 def parse_edit(i: int, d, base_dir: Path) -> Edit:
+    """Validate edit number `i` of a spec into an Edit; `transfer` and `run` paths are resolved against `base_dir`.
+
+    Raises:
+        EditError: naming the edit, for an unknown op or key, a missing select (all ops but composite) or value,
+            a bad vector, a non-positive scale, or a transfer image / composite run that does not exist.
+    """
     where = f"edit {i}"
     _keys(where, d, Edit)
     if d.get("op") not in OPS:

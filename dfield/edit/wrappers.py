@@ -30,15 +30,19 @@ class Wrapper:
         self.features = self._features if inner.features is not None else None
 
     def density(self, x):
+        """(N, 3) points -> (N,) densities (here: the inner field's)."""
         return self.inner.density(x)
 
     def color(self, x, d):
+        """(N, 3) points, (N, 3) directions -> (N, 3) colours in [0, 1] (here: the inner field's)."""
         return self.inner.color(x, d)
 
     def _features(self, x):
         return self.inner.features(x)
 
     def touched(self, x) -> torch.Tensor:
+        """(N, 3) points -> (N,) bool: where this edit may change density, colour or features (the inner field's
+        own edits not included). Everywhere else its values are the inner field's, bit for bit."""
         raise NotImplementedError
 
 
@@ -50,10 +54,12 @@ class Extract(Wrapper):
         self.selection = selection
 
     def density(self, x):
+        """(N, 3) points -> (N,) densities: the inner field's inside the selection, zero outside."""
         sigma = self.inner.density(x)
         return torch.where(self.selection.mask(x), sigma, torch.zeros_like(sigma))
 
     def touched(self, x):
+        """Everything outside the selection (where density is zeroed)."""
         return ~self.selection.mask(x)
 
 
@@ -65,10 +71,12 @@ class Delete(Wrapper):
         self.selection = selection
 
     def density(self, x):
+        """(N, 3) points -> (N,) densities: zero inside the selection, the inner field's outside."""
         sigma = self.inner.density(x)
         return torch.where(self.selection.mask(x), torch.zeros_like(sigma), sigma)
 
     def touched(self, x):
+        """The selection."""
         return self.selection.mask(x)
 
 
@@ -80,6 +88,8 @@ class Recolor(Wrapper):
         self.selection, self.fn = selection, fn
 
     def color(self, x, d):
+        """(N, 3) points, (N, 3) directions -> (N, 3) colours: `fn` of the inner colour (clamped to [0, 1]) inside
+        the selection, the inner colour outside."""
         c = self.inner.color(x, d)
         m = self.selection.mask(x)
         if not m.any():
@@ -89,6 +99,7 @@ class Recolor(Wrapper):
         return out
 
     def touched(self, x):
+        """The selection."""
         return self.selection.mask(x)
 
 
@@ -108,12 +119,19 @@ def affine(translate=(0.0, 0.0, 0.0), rotate_deg=(0.0, 0.0, 0.0), scale: float =
 
 
 def box_corners(aabb: torch.Tensor) -> torch.Tensor:
+    """(2, 3) box (min corner, max corner) -> (8, 3) corners; corner i takes the max on axis k where bit k of i is set.
+
+    Example:
+        >>> box_corners(torch.tensor([[0.0, 0, 0], [1.0, 2, 3]]))[[0, 1, 7]].tolist()
+        [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 2.0, 3.0]]
+    """
     lo, hi = aabb[0], aabb[1]
     return torch.stack([torch.stack([(hi if i & 1 else lo)[0], (hi if i & 2 else lo)[1], (hi if i & 4 else lo)[2]])
                         for i in range(8)])
 
 
 def union_box(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The smallest (2, 3) box holding both (2, 3) boxes `a` and `b`."""
     return torch.stack([torch.minimum(a[0], b[0]), torch.maximum(a[1], b[1])])
 
 
@@ -202,11 +220,15 @@ class Place(Wrapper):
         return sigma
 
     def density(self, x):
+        """(N, 3) points -> (N,) densities: the inner field's (zero in the selection when moving), plus, where placed
+        content is present, the source's density there divided by the placement's scale."""
         base = self._base(x)
         part, m, _ = self.placed.density(x)
         return torch.where(m, base + part, base)
 
     def color(self, x, d):
+        """(N, 3) points, (N, 3) directions -> (N, 3) colours: where placed content is present, the density-weighted
+        mean of the inner colour and the source's (seen along the direction rotated back); elsewhere the inner's."""
         base_sigma, base = self._base(x), self.inner.color(x, d)
         part, m, y = self.placed.density(x)
         dirs = d @ self.placed.inv_R.to(d).T
@@ -218,5 +240,6 @@ class Place(Wrapper):
         return _mix(base_sigma, base, part, m, lambda k: self.placed.source.features(y[k]))
 
     def touched(self, x):
+        """Where placed content is present, and also the selection's old place when moving (`remove`)."""
         m, _ = self.placed.present(x)
         return m | self.selection.mask(x) if self.remove else m

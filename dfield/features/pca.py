@@ -6,6 +6,9 @@ import torch
 
 
 class FeaturePCA:
+    """A fixed projection of D-dim features onto their first `n` principal components, scaled to [0, 1] by the
+    fitted samples' 1st..99th percentiles: call it on (..., D) features to get (..., n) colours."""
+
     def __init__(self, samples: torch.Tensor, n: int = 3):
         """Fit on (N, D) feature samples (e.g. pixels from a few views)."""
         x = samples.float()

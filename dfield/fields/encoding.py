@@ -16,4 +16,5 @@ def positional_encoding(x: torch.Tensor, n_freqs: int, include_input: bool = Tru
 
 
 def encoding_dim(d: int, n_freqs: int, include_input: bool = True) -> int:
+    """Width of `positional_encoding` of a `d`-wide input: d * (2 * n_freqs + include_input)."""
     return d * (2 * n_freqs + int(include_input))

@@ -34,6 +34,7 @@ class LiftedFeatures:
         return self.features(x)
 
     def to(self, device) -> "LiftedFeatures":
+        """The same features with their tensors on `device`."""
         return LiftedFeatures(self.aabb.to(device), self.res, self.grid.to(device), self.rows.to(device), self.seconds)
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -45,6 +46,7 @@ class LiftedFeatures:
 
     @staticmethod
     def from_state(t: dict[str, torch.Tensor]) -> "LiftedFeatures":
+        """Rebuild from `state()` output (rows back in float32; `seconds` is not saved and comes back 0)."""
         res = tuple(int(r) for r in t["res"])
         return compact_lifted(t["aabb"].float(), res, t["cells"].long(), t["grid"].float())
 

@@ -20,6 +20,10 @@ from dfield.fields.vm import VMVolume
 
 @dataclass
 class TensoRFConfig:
+    """Ranks and widths of a TensoRFField: VM components of the density and appearance volumes, the colour
+    MLP (appearance width, hidden width, positional-encoding frequencies), the density activation and the
+    optional feature volume."""
+
     density_comp: int = 16
     app_comp: int = 48
     app_dim: int = 27
@@ -88,19 +92,25 @@ class TensoRFField(nn.Module):
 
     @property
     def res(self) -> tuple[int, int, int]:
+        """(X, Y, Z) resolution the volumes are currently sampled at."""
         return self.density_vol.res
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3) world points -> (N, 3) coordinates in the box, [0, 1] on each axis inside `aabb`."""
         return (x - self.aabb[0]) / (self.aabb[1] - self.aabb[0])
 
     def density(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3) world points -> (N,) densities: softplus(sum of density components + shift) * scale."""
         feat = self.density_vol(self.normalize(x)).sum(-1)
         return F.softplus(feat + self.cfg.density_shift) * self.cfg.density_scale
 
     def app_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3) world points -> (N, app_dim) appearance features, the colour MLP's input."""
         return self.basis(self.app_vol(self.normalize(x)))
 
     def color(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """(N, 3) world points, (N, 3) ray directions -> (N, 3) colours in [0, 1], from the MLP on the appearance
+        features, their positional encoding and that of the direction."""
         f = self.app_features(x)
         h = torch.cat([f, positional_encoding(f, self.cfg.feat_freqs, False), positional_encoding(d, self.cfg.view_freqs)], -1)
         return torch.sigmoid(self.mlp(h))
@@ -110,12 +120,15 @@ class TensoRFField(nn.Module):
         return self.feature_basis(self.feature_vol(self.normalize(x)))
 
     def volumes(self) -> list[VMVolume]:
+        """The VM volumes: density, appearance and, when there is one, the feature volume."""
         return [v for v in (self.density_vol, self.app_vol, self.feature_vol) if v is not None]
 
     def grid_parameters(self) -> list[nn.Parameter]:
+        """The planes and lines of every volume (the grid learning-rate group)."""
         return [p for v in self.volumes() for p in (v.planes, v.lines)]
 
     def network_parameters(self) -> list[nn.Parameter]:
+        """The appearance basis, the colour MLP and the feature basis when there is one (the network group)."""
         extra = list(self.feature_basis.parameters()) if self.feature_vol is not None else []
         return list(self.basis.parameters()) + list(self.mlp.parameters()) + extra
 

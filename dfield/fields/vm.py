@@ -41,6 +41,17 @@ class _GatherRows(torch.autograd.Function):
 
 
 def gather_rows(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sums of table rows: table (T, C), rows (N, K) long, weights (N, K) -> (N, C).
+
+    .. math::
+        out_i = \\sum_k w_{ik} \\, table_{rows_{ik}}
+
+    On a CPU without gradients to `weights` it uses the faster sparse backward of `_GatherRows`.
+
+    Example:
+        >>> gather_rows(torch.eye(3), torch.tensor([[0, 2]]), torch.tensor([[0.25, 0.75]]))
+        tensor([[0.2500, 0.0000, 0.7500]])
+    """
     if weights.requires_grad or table.device.type != "cpu":
         # Gradients to the sample positions (deformation fields) or a GPU: the stock op handles both.
         return F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")

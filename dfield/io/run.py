@@ -33,6 +33,9 @@ from dfield.models.nerf import NeRFModel
 
 @dataclass
 class SceneInfo:
+    """What a run keeps of its scene (scene.json), as JSON-able lists: bounds, background, NDC settings, image
+    size, source and the training cameras, so a run renders without its dataset."""
+
     aabb: list
     near: float
     far: float
@@ -50,6 +53,7 @@ class SceneInfo:
 
     @staticmethod
     def from_dataset(d: Dataset) -> "SceneInfo":
+        """The scene info of a dataset (the training split: its cameras become `train_c2w` / `train_intrinsics`)."""
         c = d.cameras
         return SceneInfo(
             aabb=d.aabb.tolist(), near=d.near, far=d.far, background=list(d.background), ndc=d.ndc,
@@ -60,14 +64,17 @@ class SceneInfo:
         )
 
     def train_cameras(self) -> Cameras:
+        """The training cameras as a (CPU, float32) Cameras."""
         k = torch.tensor(self.train_intrinsics, dtype=torch.float32)
         return Cameras(torch.tensor(self.train_c2w, dtype=torch.float32), k[:, 0], k[:, 1], k[:, 2], k[:, 3], self.width, self.height)
 
     def save(self, path: Path) -> None:
+        """Write as JSON to `path`, atomically."""
         atomic_write_text(path, json.dumps(asdict(self)))
 
     @staticmethod
     def load(path: Path) -> "SceneInfo":
+        """Read a scene.json written by `save`."""
         return SceneInfo(**json.loads(Path(path).read_text()))
 
 

@@ -23,6 +23,9 @@ from dfield.models.schedule import GridSchedule
 
 @dataclass
 class GridModelConfig:
+    """Settings of a GridModel: its field, the coarse-to-fine voxel schedule, occupancy updates and the box
+    shrink, ray marching, learning rates and regularisation weights."""
+
     field: TensoRFConfig = field(default_factory=TensoRFConfig)
     voxels_init: int = 32**3
     voxels_final: int = 128**3
@@ -91,6 +94,11 @@ class GridModel(Model):
 
     @torch.no_grad()
     def update_occupancy(self, shrink: bool = False) -> float:
+        """Rebuild the occupancy grid from the current density (cubic, at most `occupancy_max_res` per side) and
+        return the occupied fraction.
+
+        With `shrink`, the box also shrinks to the occupied cells plus a two-cell margin and the volumes are
+        resampled over it with the same voxel count, so the resolution gets finer."""
         res = tuple(min(r, self.cfg.occupancy_max_res) for r in self.field.res)
         grid = OccupancyGrid(self.field.aabb, max(res))
         frac = grid.update(self.field.density, self.step, self.cfg.occupancy_threshold)

@@ -22,6 +22,9 @@ from dfield.models.losses import photometric_loss
 
 @dataclass
 class NeRFModelConfig:
+    """Settings of the NeRF baseline: MLP depth, width and skip layer, positional-encoding frequencies for
+    positions and directions, coarse and fine samples per ray, and the learning rate."""
+
     depth: int = 8
     width: int = 256
     skip: int = 4

@@ -36,9 +36,14 @@ class Restructurable(Protocol):
 
     shrunk: bool
 
-    def update_occupancy(self, shrink: bool = False) -> float: ...
+    def update_occupancy(self, shrink: bool = False) -> float:
+        """Re-mark empty space from the current density (and, with `shrink`, shrink the box to what is occupied,
+        setting `shrunk`); return the occupied fraction of the grid."""
+        ...
 
-    def resize_grid(self, n_voxels: int) -> None: ...
+    def resize_grid(self, n_voxels: int) -> None:
+        """Resample the grid at about `n_voxels` cells over the current box."""
+        ...
 
 
 class GridSchedule(Schedule):
@@ -67,6 +72,8 @@ class GridSchedule(Schedule):
         return int(round(math.exp(a + (b - a) * n_upsamples / k))) if k else c.voxels_init
 
     def occupancy_due(self, step: int) -> bool:
+        """Whether empty space is re-marked before `step`: from `occupancy_start` on, every `occupancy_every` steps
+        (every `occupancy_every_late` from `occupancy_slow_after`), and always at `shrink_step`."""
         c = self.cfg
         every = c.occupancy_every if step < c.occupancy_slow_after else c.occupancy_every_late
         return step >= c.occupancy_start and (step - c.occupancy_start) % every == 0 or step == c.shrink_step

@@ -26,6 +26,7 @@ from dfield.query.spec import OPAQUE, TEXT_NEGATIVES, QuerySpec, query_views, va
 
 
 def encode_texts(teacher, texts) -> torch.Tensor:
+    """(T, D) float32 embeddings of `texts` in the teacher's space; QueryError if the teacher has no text encoder."""
     if not getattr(teacher, "text_aligned", False):
         raise QueryError(f"teacher {teacher.name} has no text encoder: text queries need a text-aligned teacher "
                          "(e.g. clip); use a patch or click query")
@@ -33,6 +34,7 @@ def encode_texts(teacher, texts) -> torch.Tensor:
         return torch.as_tensor(teacher.encode_text(list(texts))).float().reshape(len(texts), -1)
     except TeacherError as e:
         raise QueryError(f"teacher {teacher.name} cannot encode text: {e}") from None
+
 
 def field_patch_embedding(ctx: QueryContext, view: int, box) -> torch.Tensor:
     """Mean decoded feature over the box's opaque pixels: empty space inside a box says nothing about the object."""
@@ -44,12 +46,16 @@ def field_patch_embedding(ctx: QueryContext, view: int, box) -> torch.Tensor:
         raise QueryError(f"box {tuple(box)} on view {view} covers only empty space (nothing is rendered there)")
     return mean[:-1] / mean[-1]
 
+
 def field_click_embedding(ctx: QueryContext, view: int, xy) -> torch.Tensor:
+    """(D,) decoded feature the field renders under a click (x, y) in pixels of training view `view`; QueryError
+    when that pixel is empty space (opacity at most OPAQUE)."""
     r = ctx.train_view(view)
     size = (ctx.train_cameras.width, ctx.train_cameras.height)
     if click_embedding(r.acc[..., None], xy, size).item() <= OPAQUE:
         raise QueryError(f"click {tuple(xy)} on view {view} hits empty space (nothing is rendered there)")
     return ctx.decode(click_embedding(r.feature, xy, size))
+
 
 def field_feature_sample(ctx: QueryContext, views: list[int], limit: int = MAX_CLUSTER_SAMPLES) -> torch.Tensor:
     """Decoded features of the opaque pixels of some training views (a fixed random subset beyond `limit`)."""
@@ -61,6 +67,7 @@ def field_feature_sample(ctx: QueryContext, views: list[int], limit: int = MAX_C
     if len(x) == 0:
         raise QueryError(f"training views {views} render nothing opaque; is the run trained?")
     return subsample(x, limit)
+
 
 def make_query(run, spec: QuerySpec) -> QuerySet:
     """The query set of `spec` in the run's teacher space: positives, then negatives (texts or automatic)."""

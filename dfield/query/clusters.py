@@ -31,9 +31,11 @@ def spherical_kmeans(x: torch.Tensor, k: int, iterations: int = 25, seed: int = 
         c = torch.where(filled[:, None], F.normalize(sums, dim=-1), c)
     return c
 
+
 def _cosine_distance(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     d = 1 - (x @ c.T)[:, 0]
     return torch.where(d < 1e-6, torch.zeros_like(d), d)  # rounding must not turn duplicates into new seeds
+
 
 def far_clusters(means: torch.Tensor, positives: torch.Tensor, center: torch.Tensor, claim: float) -> torch.Tensor:
     """The cluster means unlike every positive (cosine, measured from `center`): those below `claim` times the
@@ -49,6 +51,7 @@ def far_clusters(means: torch.Tensor, positives: torch.Tensor, center: torch.Ten
         keep[best] = False
     return means[keep]
 
+
 def scene_clusters(sample: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(centre, (K, D) cluster means) of a sample of the scene's features, clustered by cosine similarity.
 
@@ -60,17 +63,27 @@ def scene_clusters(sample: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     means = torch.stack([x[assign == j].mean(0) for j in assign.unique()])
     return means.mean(0), means
 
+
 def contrast_query(positives: torch.Tensor, clusters: tuple[torch.Tensor, torch.Tensor], spec: QuerySpec) -> QuerySet:
     """Automatic negatives: the scene's feature clusters unlike the positives, all measured from the scene's centre."""
     center, means = clusters
     negatives = far_clusters(means, positives, center, spec.claim)
     return QuerySet(positives, negatives, temperature=spec.temperature, center=center)
 
+
 def auto_view_ids(n: int, k: int, extra: list[int]) -> list[int]:
+    """`k` view ids spread evenly over 0..n-1 (first and last included; at most n) plus `extra`, sorted, no repeats.
+
+    Example:
+        >>> auto_view_ids(10, 4, [5])
+        [0, 3, 5, 6, 9]
+    """
     spread = torch.linspace(0, n - 1, max(1, min(k, n))).round().long().tolist()
     return sorted(set(spread) | set(extra))
 
+
 def subsample(x: torch.Tensor, limit: int) -> torch.Tensor:
+    """`x` itself when it has at most `limit` rows, else `limit` of its rows picked at random with a fixed seed."""
     if len(x) <= limit:
         return x
     return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:limit]]

@@ -73,6 +73,7 @@ class QueryContext:
         device = next(model.parameters()).device
         return model.decode(feature.to(device).float()).cpu()
 
+
 def context(run) -> QueryContext:
     """A QueryContext for a run folder, an opened Run (one context per Run object) or a context."""
     if isinstance(run, QueryContext):

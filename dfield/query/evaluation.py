@@ -40,6 +40,7 @@ def inscribed_square(mask: torch.Tensor) -> tuple[int, int, int]:
     flat = int(depth.reshape(-1).argmax())
     return flat % mask.shape[1], flat // mask.shape[1], int(depth.reshape(-1)[flat])
 
+
 def object_prompt(ids: torch.Tensor, obj: int, box_mode: str = "interior") -> dict | None:
     """The training view where object `obj` is most visible (deepest interior), a box and a click on it there."""
     best = None
@@ -62,6 +63,7 @@ def object_prompt(ids: torch.Tensor, obj: int, box_mode: str = "interior") -> di
         raise QueryError(f"box mode must be 'interior' or 'bbox', got {box_mode!r}")
     return {"view": v, "box": [int(b) for b in box], "click": [int(x), int(y)]}
 
+
 def teacher_query(ctx: QueryContext, spec: QuerySpec) -> QuerySet:
     """The same patch or click, answered by the teacher alone: embedding and automatic negatives from the
     teacher's own maps of the training views (what a user of the 2D model would get)."""
@@ -81,12 +83,14 @@ def teacher_query(ctx: QueryContext, spec: QuerySpec) -> QuerySet:
 
     return contrast_query(pos, ctx.clusters(("teacher", *views), spec.clusters, sample), spec)
 
+
 @torch.no_grad()
 def teacher_masks(ctx: QueryContext, query: QuerySet, split: str, threshold: float) -> torch.Tensor:
     """(N, H, W) hard masks of `query` on the teacher's maps of a split, upsampled to the images."""
     data, maps = ctx.data(split), ctx.teacher_maps(split)
     return torch.stack([query.probability(upsample_map(maps.view(i), data.height, data.width)) > threshold
                         for i in range(len(data))])
+
 
 def query_iou_per_object(run, box: str = "interior", split: str = "test", teacher: bool = True, **settings) -> dict:
     """For every object of a generated scene (ground included, empty space not): a patch and a click query from
@@ -125,6 +129,7 @@ def query_iou_per_object(run, box: str = "interior", split: str = "test", teache
     return {"objects": objects, "mean": mean_scores(objects), "box": box, "split": split, "views": len(test),
             "settings": asdict(base), "seconds": time.perf_counter() - t0}
 
+
 def mean_scores(objects: dict) -> dict:
     """Mean of every score column over the objects (ground excluded: id 1 is the ground in generated scenes)."""
     rows = [r for r in objects.values() if r["id"] != 1]
@@ -135,9 +140,13 @@ def mean_scores(objects: dict) -> dict:
         means[c] = float(np.mean(values)) if values else None
     return means
 
+
 TUNABLE = ("negatives", "temperature", "threshold", "auto_views", "clusters", "claim")
 
+
 def format_object_table(res: dict) -> str:
+    """A plain-text table of `query_iou_per_object` output: one row per object and the mean row, one column
+    per score it has (field/teacher patch/click IoU, 3 decimals, '-' where missing)."""
     cols = [c for c in ("field_patch", "teacher_patch", "field_click", "teacher_click")
             if any(c in r for r in res["objects"].values())]
     lines = [f"{'object':<18}" + "".join(f"{c:>15}" for c in cols)]
@@ -145,6 +154,7 @@ def format_object_table(res: dict) -> str:
         lines.append(f"{name:<18}" + "".join(f"{_fmt(r.get(c)):>15}" for c in cols))
     lines.append(f"{'mean (objects)':<18}" + "".join(f"{_fmt(res['mean'].get(c)):>15}" for c in cols))
     return "\n".join(lines)
+
 
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"

@@ -29,6 +29,7 @@ def heatmap_image(rel: Relevance) -> np.ndarray:
     acc = rel.rendered.acc.clamp(0, 1).numpy()[..., None]
     return turbo(rel.probability.numpy()) * acc + (1 - acc)
 
+
 def overlay_image(rel: Relevance, tint=(1.0, 0.1, 0.6), strength: float = 0.5) -> np.ndarray:
     """The rgb render with the selection tinted and everything else greyed out, so any object colour stands out."""
     rgb = rel.rendered.rgb.clamp(0, 1).numpy()
@@ -36,6 +37,7 @@ def overlay_image(rel: Relevance, tint=(1.0, 0.1, 0.6), strength: float = 0.5) -
     tinted = rgb * (1 - strength) + np.asarray(tint) * strength
     grey = 0.35 + 0.5 * (rgb @ np.array([0.299, 0.587, 0.114]))[..., None].repeat(3, -1)
     return m * tinted + (1 - m) * grey
+
 
 def selection_points(rels: list[Relevance], cameras: Cameras, ndc=None,
                      voxels: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +65,10 @@ def selection_points(rels: list[Relevance], cameras: Cameras, ndc=None,
         0, inverse, torch.arange(len(pts)), reduce="amin")
     return pts[first], cols[first].clamp(0, 1)
 
+
 def query_cameras(ctx: QueryContext, path: str, frames: int = 48) -> Cameras:
+    """The cameras of a camera path name: "train" or "test" (the run's views) or "orbit" (`frames` cameras
+    around the training views, see `orbit_path`); QueryError for any other name."""
     if path == "train":
         return ctx.train_cameras
     if path == "test":
@@ -71,6 +76,7 @@ def query_cameras(ctx: QueryContext, path: str, frames: int = 48) -> Cameras:
     if path == "orbit":
         return orbit_path(ctx.train_cameras, frames)
     raise QueryError(f"unknown camera path {path!r}: expected test, train or orbit")
+
 
 def run_query(run: Path, spec: QuerySpec, path: str = "test", out: Path | None = None, ply: bool = True,
               eval_objects: bool = False, frames: int = 48) -> dict:

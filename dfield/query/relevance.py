@@ -16,16 +16,22 @@ from dfield.query.spec import OPAQUE
 
 @dataclass
 class Relevance:
+    """A query's relevance on one view: per-pixel probability, hard mask and the rendered view it came from."""
+
     view: int
     probability: torch.Tensor  # (H, W) p(query | pixel), before the opacity mask
     mask: torch.Tensor  # (H, W) bool: probability above the threshold on an opaque pixel
     rendered: RenderedView
 
+
 @torch.no_grad()
 def view_relevance(ctx: QueryContext, query: QuerySet, cameras: Cameras, i: int, threshold: float) -> Relevance:
+    """Relevance of `query` on camera `i` (rendered once, then from the render cache): p(query | pixel) of the
+    decoded features, and the mask of opaque pixels above `threshold`."""
     r = ctx.render(cameras, i)
     p = query.probability(ctx.decode(r.feature))
     return Relevance(i, p, (p > threshold) & (r.acc > OPAQUE), r)
+
 
 def relevance(run, query: QuerySet, cameras: Cameras | None = None, views=None,
               threshold: float = 0.5) -> list[Relevance]:

@@ -28,12 +28,15 @@ CACHE_FORMAT = 1  # bump when what a cached render holds, or how its key is made
 
 @dataclass
 class RenderedView:
+    """One rendered view as a query needs it: rgb, depth and opacity in float32, low-dim features in fp16."""
+
     rgb: torch.Tensor  # (H, W, 3)
     depth: torch.Tensor  # (H, W), weighted sum of sample distances (not divided by opacity)
     acc: torch.Tensor  # (H, W) opacity
     feature: torch.Tensor  # (H, W, C) low-dim rendered features, fp16 (halves memory and disk; far below query noise)
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """The four images by name (rgb, depth, acc, feature), as saved to the cache file."""
         return {"rgb": self.rgb, "depth": self.depth, "acc": self.acc, "feature": self.feature}
 
 
@@ -47,6 +50,7 @@ def checkpoint_key(run: Run) -> str:
 
 
 def camera_key(cameras: Cameras, i: int, ndc) -> str:
+    """A 20-hex-digit key of camera `i`: a hash of the image size, the NDC settings, its pose and intrinsics."""
     h = hashlib.sha1(f"{cameras.width}x{cameras.height}|{ndc}".encode())
     for t in (cameras.c2w[i], cameras.fx[i], cameras.fy[i], cameras.cx[i], cameras.cy[i]):
         h.update(t.detach().cpu().float().numpy().tobytes())

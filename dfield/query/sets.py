@@ -17,6 +17,9 @@ from dfield.errors import QueryError
 
 @dataclass
 class QuerySet:
+    """Positive and negative query embeddings in one feature space, and how features are scored against them
+    (softmax temperature, cosine or raw dot products, an optional common centre): see `probability`."""
+
     positives: torch.Tensor  # (P, D)
     negatives: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))  # (Q, D)
     temperature: float = 0.1

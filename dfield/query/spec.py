@@ -15,6 +15,9 @@ TEXT_NEGATIVES = ("object", "things", "stuff", "texture")  # LERF's canonical ph
 
 @dataclass
 class QuerySpec:
+    """What a query asks: positives (texts, a patch or a click on a training view), negatives, and how they are
+    scored (temperature, threshold, patch source, automatic-negative clustering)."""
+
     text: list[str] = field(default_factory=list)
     """Positives by text (needs a text-aligned teacher such as clip)."""
     patch: tuple[int, int, int, int, int] | None = None
@@ -38,9 +41,12 @@ class QuerySpec:
     """A cluster at least `claim` times as similar to the query as the query's closest cluster belongs to the
     query; every other cluster is a negative."""
 
+
 def check_view(i: int, n: int) -> None:
+    """Raise QueryError unless `i` is an integer training-view index in 0..n-1."""
     if not (isinstance(i, (int, np.integer)) and 0 <= i < n):
         raise QueryError(f"view {i} is out of range: the run has {n} training views (0..{n - 1})")
+
 
 def validate(spec: QuerySpec, n_views: int, width: int, height: int) -> None:
     """Every check that needs no rendering, so bad input fails before any work is done."""
@@ -73,5 +79,7 @@ def validate(spec: QuerySpec, n_views: int, width: int, height: int) -> None:
     if isinstance(spec.negatives, str) and spec.negatives != "auto":
         raise QueryError(f"negatives must be 'auto' or a list of texts, got {spec.negatives!r}")
 
+
 def query_views(spec: QuerySpec) -> list[int]:
+    """The training views the query's patch and click are on (none for a text-only query)."""
     return [q[0] for q in (spec.patch, spec.click) if q is not None]

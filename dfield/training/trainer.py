@@ -135,6 +135,8 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self) -> Path:
+        """Checkpoint the current step: model, optimiser moments, every random generator and the ray pool, so that
+        `load` continues exactly; returns the checkpoint folder."""
         opt_t, groups = optimizer_tensors(self.optimizer)
         trainer_t = {**opt_t, "rng.batcher": self.batcher.state(), "rng.jitter": self.jitter.get_state(), "rng.torch": torch.get_rng_state()}
         if self.batcher.pool is not None:
@@ -144,6 +146,8 @@ class Trainer:
         return save_checkpoint(self.run_dir / "checkpoints", self.step, model_tensors(self.model), trainer_t, meta)
 
     def load(self, ckpt: Path) -> None:
+        """Restore the state `save` wrote to checkpoint folder `ckpt` (model, a fresh optimiser with its moments,
+        generators, ray pool, step, seconds and last logged figures)."""
         tensors, trainer_t, meta = load_checkpoint(ckpt, self.device)
         load_model_state(self.model, tensors, meta)
         self.optimizer = self._make_optimizer()

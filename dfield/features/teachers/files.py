@@ -69,6 +69,7 @@ class FileTeacher(Teacher):
         return self._dim
 
     def file_for(self, image_path) -> Path:
+        """The feature file of one image (see the module docstring for the names tried); TeacherError if none."""
         p = Path(image_path)
         tried = [self.folder / p.parent.name / f"{p.stem}{s}" for s in SUFFIXES] if p.parent.name else []
         tried += [self.folder / f"{p.stem}{s}" for s in SUFFIXES]
@@ -78,6 +79,7 @@ class FileTeacher(Teacher):
         raise TeacherError(f"no feature file for image {p}: looked for {', '.join(str(t) for t in tried)}")
 
     def files(self, data: Dataset, idx=None) -> list[Path]:
+        """The feature files of the views `idx` of `data` (default: all), in that order."""
         idx = range(len(data)) if idx is None else idx
         return [self.file_for(data.image_paths[i]) for i in idx]
 

@@ -27,6 +27,7 @@ def register_teacher(name: str, factory: Callable[..., Teacher]) -> None:
 
 
 def teacher_names() -> list[str]:
+    """The registered teacher names, sorted (the names `make_teacher` accepts before any ':')."""
     return sorted(_REGISTRY)
 
 
