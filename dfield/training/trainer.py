@@ -18,10 +18,11 @@ import torch
 
 from dfield.config import TrainConfig, to_dict
 from dfield.core.metrics import peak_rss_bytes, psnr_from_mse
-from dfield.core.rays import RayBatcher, pixel_coords
+from dfield.core.rays import RayBatcher
 from dfield.core.sampling import ray_aabb
 from dfield.data.dataset import Dataset
 from dfield.errors import RunError, TrainingDiverged
+from dfield.features.fitting import teacher_targets
 from dfield.features.teachers import cached_features, feature_cache_dir, make_teacher
 from dfield.io.checkpoint import (
     latest_checkpoint,
@@ -186,7 +187,7 @@ class Trainer:
             self.batcher.restrict(pool)
 
     def _teacher_targets(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.teacher_maps.sample(*pixel_coords(ids, self.data.width, self.data.height)).to(self.device)
+        return teacher_targets(self.teacher_maps, self.data, ids).to(self.device)
 
     def _missed_rays_feature_loss(self, n: int) -> tuple[torch.Tensor, float] | None:
         """Feature loss on rays that miss the shrunk box, which the batcher no longer draws.
