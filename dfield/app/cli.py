@@ -81,7 +81,7 @@ def generate_scene(out: tyro.conf.Positional[Path], spec: Annotated[SceneSpec, F
 @app.command
 def demo(out: Path = Path("demo_out"), seed: int = 0, iterations: int | None = None, features: bool = True) -> None:
     """Generate a scene, train on it, evaluate, render test views and an orbit video, then lift DINOv2 features,
-    run a patch query and one edit of each kind (about 7 minutes on 2 cores).
+    run a patch query and one edit of each kind (about 8 minutes on 2 cores).
 
     Args:
         features: Also do the features, query and edits part (--no-features: radiance field only, ~5 minutes).
