@@ -40,52 +40,46 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, overwrite: bool = F
           progress: bool = True) -> Path:
     """`dfield train`: fit a new run in `out` from `cfg` (or continue it with `resume`), then evaluate it."""
     out = Path(out)
-    with ProgressBars(progress, console) as bars:
+
+    def start(bars: ProgressBars) -> Trainer:
         if resume and (out / "config.json").is_file():
             saved = load_config(out / "config.json")
             if Path(saved.data.path).resolve() != Path(cfg.data.path).resolve() and str(cfg.data.path) != ".":
                 console.print(f"[yellow]resuming {out} with its saved config (data {saved.data.path}); other options ignored")
             # Only an iteration count the user typed extends the run; the CLI default must not.
             explicit = cfg.iterations not in (saved.iterations, TrainConfig().iterations)
-            trainer = Trainer.resume(out, iterations=cfg.iterations if explicit else None, progress=bars)
-        else:
-            if evaluate:
-                load_eval_data(cfg)  # a broken test split must fail now, not after training
-            trainer = Trainer.create(cfg, out, overwrite=overwrite, progress=bars)
-        _fit(trainer, bars)
-    _trained(trainer)
-    if evaluate:
-        _evaluate(trainer.run_dir, device=trainer.cfg.device)
-    return trainer.run_dir
+            return Trainer.resume(out, iterations=cfg.iterations if explicit else None, progress=bars)
+        if evaluate:
+            load_eval_data(cfg)  # a broken test split must fail now, not after training
+        return Trainer.create(cfg, out, overwrite=overwrite, progress=bars)
+
+    return _fit(start, evaluate, progress)
 
 
 def resume(run: Path, iterations: int | None = None, evaluate: bool = True, progress: bool = True) -> Path:
     """`dfield resume`: continue a killed or finished run from its last checkpoint (optionally to more steps)."""
+    return _fit(lambda bars: Trainer.resume(run, iterations=iterations, progress=bars), evaluate, progress)
+
+
+def _fit(start, run_eval: bool, progress: bool) -> Path:
+    """Make the trainer with `start(bars)` (teacher maps may be computed there), train with bars, then evaluate."""
     with ProgressBars(progress, console) as bars:
-        trainer = Trainer.resume(run, iterations=iterations, progress=bars)
-        _fit(trainer, bars)
-    _trained(trainer)
-    if evaluate:
-        _evaluate(trainer.run_dir, device=trainer.cfg.device)
-    return trainer.run_dir
-
-
-def _fit(trainer: Trainer, bars: ProgressBars) -> None:
-    cfg = trainer.cfg
-    if trainer.step > 0:
-        console.print(f"resuming {trainer.run_dir} at step {trainer.step} ({trainer.seconds:.0f} s trained)")
-    if cfg.features.method == "lift":
-        console.print(f"{trainer.run_dir}: the lifted features stay as they are; after training, `dfield distill "
-                      f"{trainer.run_dir} --teacher {cfg.features.teacher} --method lift` lifts them again from the "
-                      "refined field")
-    console.print(f"training {cfg.model} on {len(trainer.data)} views of {trainer.data.width}x{trainer.data.height} "
-                  f"({cfg.data.path}) -> {trainer.run_dir}")
-    trainer.train(progress=bars)
-
-
-def _trained(trainer: Trainer) -> None:
+        trainer = start(bars)
+        cfg = trainer.cfg
+        if trainer.step > 0:
+            console.print(f"resuming {trainer.run_dir} at step {trainer.step} ({trainer.seconds:.0f} s trained)")
+        if cfg.features.method == "lift":
+            console.print(f"{trainer.run_dir}: the lifted features stay as they are; after training, `dfield distill "
+                          f"{trainer.run_dir} --teacher {cfg.features.teacher} --method lift` lifts them again from "
+                          "the refined field")
+        console.print(f"training {cfg.model} on {len(trainer.data)} views of {trainer.data.width}x"
+                      f"{trainer.data.height} ({cfg.data.path}) -> {trainer.run_dir}")
+        trainer.train(progress=bars)
     console.print(f"trained {trainer.step} steps in {trainer.seconds:.1f} s; last batch PSNR "
                   f"{trainer.last.get('psnr', float('nan')):.2f} dB")
+    if run_eval:
+        evaluate(trainer.run_dir, device=cfg.device)
+    return trainer.run_dir
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -97,9 +91,6 @@ def evaluate(run: Path, split: str = "test", every: int | None = None, save_imag
     print(format_summary(res))
     print(f"wrote {Path(run) / 'eval.json'}")
     return res
-
-
-_evaluate = evaluate  # train() and resume() take a flag of the same name
 
 
 def format_summary(results: dict) -> str:
