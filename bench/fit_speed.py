@@ -26,6 +26,7 @@ import torch
 from dfield.app.progress import ProgressBars
 from dfield.config import DataConfig, TrainConfig, to_dict
 from dfield.core.metrics import PeakMemory
+from dfield.core.profiling import PROFILER
 from dfield.errors import TrainingDiverged
 from dfield.io.run import load_eval_data
 from dfield.models.nerf import NeRFModelConfig
@@ -35,12 +36,28 @@ from dfield.training.trainer import Trainer
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared/data/blender_lego_400"
 
-# ../shared/PEERS.md: lego 100x100, 25 test views, 2-core Xeon, torch 2.13 CPU, 2 threads.
+# ../shared/PEERS.md: lego 100x100, 25 test views, torch 2.13 CPU, 2 threads; per processor, because the peers ran at
+# very different speeds on the two boxes. Keys are substrings of /proc/cpuinfo's "model name".
 REFERENCES = {
     "marks_s": [150, 300, 600],
-    "TensoRF, tuned for 600 s (PEERS.md)": {"psnr": [26.98, 29.93, 31.82], "iterations": 2400, "peak_rss_gib": 1.2},
-    "NeRF PE-MLP 8x256 (PEERS.md)": {"psnr": [7.48, 7.43, 7.44], "iterations": 47, "peak_rss_gib": 3.5},
+    "AMD EPYC": {
+        "TensoRF tuned config tC (PEERS.md, AMD EPYC)": {"psnr": [30.49, 31.79, 31.79], "iterations": 2400, "peak_rss_gib": 1.31},
+        "TensoRF tC, schedule doubled (tD) (PEERS.md, AMD EPYC)": {"psnr": [29.78, 31.81, 32.84], "iterations": 4800,
+                                                                   "peak_rss_gib": 1.21},
+    },
+    "Intel(R) Xeon(R)": {
+        "TensoRF, tuned for 600 s (PEERS.md, Intel Xeon)": {"psnr": [26.98, 29.93, 31.82], "iterations": 2400, "peak_rss_gib": 1.2},
+        "NeRF PE-MLP 8x256 (PEERS.md, Intel Xeon)": {"psnr": [7.48, 7.43, 7.44], "iterations": 47, "peak_rss_gib": 3.5},
+    },
 }
+
+
+def references_for(cpu: str | None) -> tuple[str | None, dict]:
+    """The PEERS.md rows measured on this processor (key, rows), or (None, {}) when there are none."""
+    for key, rows in REFERENCES.items():
+        if key != "marks_s" and cpu and key.lower() in cpu.lower():
+            return key, rows
+    return None, {}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,6 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "bench/results/fit_speed.json")
     p.add_argument("--keep-runs", type=Path, default=None, help="keep run folders under DIR/<model> (default: a temp dir)")
     p.add_argument("--progress", action="store_true", help="show the trainer's progress bar")
+    p.add_argument("--profile", action="store_true",
+                   help="time the training phases (march, field density/colour, backward, optimiser, schedule...) and "
+                        "print them per window of steps (--profile-steps)")
+    p.add_argument("--profile-steps", type=int, nargs="+", default=[100, 300, 600, 1000, 2000],
+                   help="step boundaries of the profile windows")
     args = p.parse_args(argv)
     args.marks = sorted(args.marks)
     return args
@@ -93,7 +115,9 @@ def fit_one(args, model: str, run_root: Path) -> dict:
 
         def evaluate(final: bool) -> dict:
             t0 = time.perf_counter()
+            profiling, PROFILER.enabled = PROFILER.enabled, False  # evaluation renders are not training time
             res = evaluate_views(trainer.model, test, cfg.device, with_ssim=True, with_lpips=False)
+            PROFILER.enabled = profiling
             return {"psnr": res["psnr"], "ssim": res["ssim"], "step": trainer.step, "seconds": round(trainer.seconds, 2),
                     "final": final, "eval_seconds": round(time.perf_counter() - t0, 2),
                     "per_view_psnr": [v["psnr"] for v in res["per_view"]]}
@@ -103,7 +127,21 @@ def fit_one(args, model: str, run_root: Path) -> dict:
             print(f"  {model} @{row['mark_s']:g} s: PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.4f}, "
                   f"step {row['step']}, trained {row['seconds']:.1f} s, eval {row['eval_seconds']:.1f} s{tag}", flush=True)
 
+        windows: list[dict] = []
+        last = {"step": 0, "seconds": 0.0}
+
+        def close_window(tr: Trainer) -> None:
+            phases = PROFILER.take()
+            steps = tr.step - last["step"]
+            if steps > 0:
+                windows.append({"steps": [last["step"], tr.step], "seconds": round(tr.seconds - last["seconds"], 3),
+                                "rays_per_s": steps * cfg.batch_rays / max(tr.seconds - last["seconds"], 1e-9),
+                                "ms_per_step": {k: 1000 * v / steps for k, v in sorted(phases.items())}})
+            last.update(step=tr.step, seconds=tr.seconds)
+
         def hook(tr: Trainer) -> None:
+            if args.profile and tr.step in args.profile_steps:
+                close_window(tr)
             crossed = [m for m in args.marks[len(marks):] if tr.seconds >= m]
             if crossed:  # one step may cross several marks (slow NeRF steps): evaluate once
                 res = evaluate(final=False)
@@ -114,12 +152,18 @@ def fit_one(args, model: str, run_root: Path) -> dict:
         print(f"{model}: {len(trainer.data)} train views {trainer.data.width}x{trainer.data.height}, "
               f"{len(test)} test views, {cfg.batch_rays} rays/step, up to {cfg.iterations} steps / {cfg.max_seconds:g} s", flush=True)
         error = None
+        PROFILER.enable(args.profile)
+        PROFILER.take()
         try:
             with ProgressBars(args.progress) as bars:
                 trainer.train(hooks=[hook], progress=bars)
         except TrainingDiverged as e:
             error = str(e)
             print(f"  {model}: {error}", flush=True)
+        if args.profile:
+            close_window(trainer)
+            PROFILER.enable(False)
+            print_profile(model, windows)
         if len(marks) < len(args.marks) and error is None:  # stopped before the later marks
             res = evaluate(final=True)
             for m in args.marks[len(marks):]:
@@ -133,7 +177,35 @@ def fit_one(args, model: str, run_root: Path) -> dict:
         "finished_at_seconds": round(trainer.seconds, 2) if stopped_by == "iterations" else None,
         "rays_per_s": trainer.step * cfg.batch_rays / max(trainer.seconds, 1e-9),
         "peak_rss_bytes": mem.rss_bytes, "peak_rss_since_model_start": mem.rss_reset, "error": error,
+        "profile": windows,
     }
+
+
+# Top-level phases of a step (they add up to "step" minus the loss arithmetic), then what "render" is made of.
+TOP_PHASES = ("schedule", "rays", "render", "backward", "optimizer")
+RENDER_PHASES = ("march", "density", "color", "features")
+
+
+def print_profile(model: str, windows: list[dict]) -> None:
+    """Milliseconds per step of each phase, one column per window of steps, and each phase's share of the step."""
+    if not windows:
+        return
+    head = ["phase (ms/step)"] + [f"{w['steps'][0]}-{w['steps'][1]}" for w in windows]
+    rows = []
+    for name in ("step", *TOP_PHASES, "other", *RENDER_PHASES):
+        cells = []
+        for w in windows:
+            ms = w["ms_per_step"]
+            v = ms.get("step", 0) - sum(ms.get(k, 0) for k in TOP_PHASES) if name == "other" else ms.get(name)
+            share = f" ({100 * v / ms['step']:.0f}%)" if v is not None and name != "step" and ms.get("step") else ""
+            cells.append("-" if v is None else f"{v:.1f}{share}")
+        label = name if name in ("step", *TOP_PHASES, "other") else f"  {name} (in render)"
+        rows.append([label, *cells])
+    rows.append(["rays/s", *[f"{w['rays_per_s']:.0f}" for w in windows]])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    print(f"\n{model}: where the training time goes (other = loss arithmetic, learning rates, bookkeeping)")
+    for r in [head, *rows]:
+        print(" | ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)))
 
 
 def machine_info() -> dict:
@@ -178,10 +250,12 @@ def print_table(args, results: dict, comp: list[dict]) -> None:
         ssim = f"{r['marks'][-1]['ssim']:.4f}" if r["marks"] else "-"
         rows.append([f"dfield {name}", str(r["n_test_views"]), *ps, ssim, str(r["iterations"]), f"{r['rays_per_s']:.0f}", fmt_mem(r["peak_rss_bytes"])])
     same_protocol = args.marks == REFERENCES["marks_s"] and "blender_lego" in str(args.data) and args.downscale == 4
+    cpu = machine_info()["cpu"]
+    proc, refs = references_for(cpu)
     if same_protocol:
-        for name, ref in REFERENCES.items():
-            if name != "marks_s":
-                rows.append([f"ref: {name}", "25", *[f"{p:.2f}" for p in ref["psnr"]], "-", str(ref["iterations"]), "-", f"{ref['peak_rss_gib']:.1f} GiB"])
+        for name, ref in refs.items():
+            rows.append([f"ref: {name}", "25", *[f"{p:.2f}" for p in ref["psnr"]], "-", str(ref["iterations"]), "-",
+                         f"{ref['peak_rss_gib']:.2f} GiB"])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     line = lambda cells: " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     print()
@@ -194,6 +268,8 @@ def print_table(args, results: dict, comp: list[dict]) -> None:
         print(f"NeRF PSNR is the mean over {results['nerf']['n_test_views']} evenly spaced views of the test subset (rendering is slow).")
     if not same_protocol:
         print("reference figures (../shared/PEERS.md: lego 100x100, marks 150/300/600 s) not shown: another protocol")
+    elif proc is None:
+        print(f"reference figures not shown: ../shared/PEERS.md has none for this processor ({cpu})")
     for c in comp:
         print(f"grid vs NeRF @{c['mark_s']:g} s, on NeRF's views: {c['psnr_diff_db']:+.2f} dB (NeRF MSE {c['mse_ratio_nerf_over_grid']:.1f}x grid's), "
               f"{c['step_ratio']:.1f}x the steps")
@@ -204,6 +280,7 @@ def print_table(args, results: dict, comp: list[dict]) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    print(f"processor: {machine_info()['cpu']}, torch {torch.__version__}, {args.threads} threads", flush=True)
     if not args.data.exists():
         sys.exit(f"{args.data}: no such scene folder")
     results = {}
@@ -219,7 +296,9 @@ def main(argv=None) -> None:
         "machine": machine_info(),
         "results": results,
         "grid_vs_nerf": comp,
-        "references": {"source": "../shared/PEERS.md", **REFERENCES},
+        "references": {"source": "../shared/PEERS.md", "marks_s": REFERENCES["marks_s"],
+                       "processor": references_for(machine_info()["cpu"])[0],
+                       "rows": references_for(machine_info()["cpu"])[1]},
         "notes": "PSNR/SSIM: mean over test views; NeRF on n_test_views evenly spaced views of the subset. "
                  "Training seconds exclude evaluation. A mark with final=true was reached after training ended.",
     }

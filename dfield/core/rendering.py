@@ -12,6 +12,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from dfield.core.profiling import PROFILER
 from dfield.core.rays import Rays
 from dfield.core.sampling import march
 
@@ -124,14 +125,17 @@ def render_field(field: Field, rays: Rays, settings: RenderSettings, generator: 
         (1.0, 2.0)
     """
     s = settings
-    samples = march(rays, field.aabb, s.near, s.far, s.step, field.occupancy, generator, s.max_samples)
-    sigma = scatter_samples(samples.mask, field.density(samples.positions))
+    with PROFILER.phase("march"):
+        samples = march(rays, field.aabb, s.near, s.far, s.step, field.occupancy, generator, s.max_samples)
+    with PROFILER.phase("density"):
+        sigma = scatter_samples(samples.mask, field.density(samples.positions))
     weights, _ = weights_from_density(sigma, samples.dt)
     heavy = weights[samples.mask] > s.weight_threshold
     color_mask = samples.mask.clone()
     color_mask[samples.mask] = heavy
     pos = samples.positions[heavy]
-    rgb = composite(weights, scatter_samples(color_mask, field.color(pos, rays.directions[samples.ray_index[heavy]])))
+    with PROFILER.phase("color"):
+        rgb = composite(weights, scatter_samples(color_mask, field.color(pos, rays.directions[samples.ray_index[heavy]])))
     acc = weights.sum(-1)
     out = {"rgb": rgb + (1.0 - acc)[:, None] * s.background, "depth": (weights * samples.t).sum(-1), "acc": acc}
     # Wide channels (a 384-d lifted feature) are summed per ray straight from the contributing samples: the
@@ -144,7 +148,8 @@ def render_field(field: Field, rays: Rays, settings: RenderSettings, generator: 
         return v.new_zeros(len(rays), v.shape[1]).index_add(0, ray_heavy, w_heavy[:, None].to(v) * v)
 
     if features and field.features is not None:
-        out["feature"] = per_ray(field.features(pos))
+        with PROFILER.phase("features"):
+            out["feature"] = per_ray(field.features(pos))
     for name, fn in (channels or {}).items():
         out[name] = per_ray(fn(pos).float()).squeeze(-1)
     return out

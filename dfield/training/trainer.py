@@ -18,6 +18,7 @@ import torch
 
 from dfield.config import TrainConfig, to_dict
 from dfield.core.metrics import peak_rss_bytes, psnr_from_mse
+from dfield.core.profiling import PROFILER
 from dfield.core.rays import RayBatcher
 from dfield.core.sampling import ray_aabb
 from dfield.data.dataset import Dataset
@@ -211,17 +212,20 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One optimiser step on a fresh ray batch (after the model's schedule has run). Returns loss figures."""
-        change = self.model.schedule.before_step(self.model, self.step)
-        if change.reshaped:
-            self.optimizer = self._make_optimizer()
-        if change.shrunk:
-            self._restrict_rays_to_box()
+        with PROFILER.phase("schedule"):
+            change = self.model.schedule.before_step(self.model, self.step)
+            if change.reshaped:
+                self.optimizer = self._make_optimizer()
+            if change.shrunk:
+                self._restrict_rays_to_box()
         self._set_lr()
-        rays, target, ids = self.batcher.sample()
-        rays, target = rays.to(self.device), target.to(self.device)
+        with PROFILER.phase("rays"):
+            rays, target, ids = self.batcher.sample()
+            rays, target = rays.to(self.device), target.to(self.device)
         fcfg = self.cfg.features
         with_features = self.teacher_maps is not None and self.step >= fcfg.start_step
-        out = self.model.render_rays(rays, self.jitter, features=with_features)
+        with PROFILER.phase("render"):
+            out = self.model.render_rays(rays, self.jitter, features=with_features)
         terms = self.model.losses(out, target)
         loss = sum(terms.values())
         feat_loss = None
@@ -241,8 +245,10 @@ class Trainer:
             kept = f"the last good checkpoint {ckpt} is kept" if ckpt else f"no checkpoint in {folder} yet"
             raise TrainingDiverged(f"loss became {loss.item()} at step {self.step}; stopped ({kept}). Try lower learning rates.")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        with PROFILER.phase("backward"):
+            loss.backward()
+        with PROFILER.phase("optimizer"):
+            self.optimizer.step()
         self.step += 1
         stats = {"loss": loss.item(), "mse": terms["rgb"].item()}
         if feat_loss is not None:
@@ -261,7 +267,8 @@ class Trainer:
         with open(self.run_dir / "log.jsonl", "a") as log:
             while self.step < cfg.iterations and not (cfg.max_seconds and self.seconds >= cfg.max_seconds):
                 t0 = time.perf_counter()
-                stats = self.train_step()
+                with PROFILER.phase("step"):
+                    stats = self.train_step()
                 rays_done += cfg.batch_rays
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations:
                     self.save()
