@@ -76,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "bench/results/fit_speed.json")
     p.add_argument("--keep-runs", type=Path, default=None, help="keep run folders under DIR/<model> (default: a temp dir)")
     p.add_argument("--progress", action="store_true", help="show the trainer's progress bar")
+    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="change TrainConfig settings for the grid model, e.g. grid.shrink_step=150 batch_rays=1024 "
+                        "grid.upsample_steps=100,200 (for tuning; the default protocol sets none)")
     p.add_argument("--profile", action="store_true",
                    help="time the training phases (march, field density/colour, backward, optimiser, schedule...) and "
                         "print them per window of steps (--profile-steps)")
@@ -91,11 +94,35 @@ def make_config(args, model: str) -> TrainConfig:
                       model=model, max_seconds=args.marks[-1], threads=args.threads)
     if model == "grid" and args.iterations_grid is not None:
         cfg.iterations = args.iterations_grid
+    if model == "grid":
+        for item in args.overrides:
+            apply_override(cfg, item)
     if model == "nerf":
         cfg.iterations = args.iterations_nerf
         if args.nerf_small:
             cfg.nerf = NeRFModelConfig(depth=2, width=32, skip=0, pos_freqs=4, dir_freqs=2, n_coarse=16, n_fine=16)
     return cfg
+
+
+def apply_override(cfg, item: str) -> None:
+    """KEY=VALUE on a (nested) dataclass; the value is parsed as the field's current type (tuples: comma lists)."""
+    key, eq, value = item.partition("=")
+    if not eq:
+        sys.exit(f"--set {item!r}: expected KEY=VALUE")
+    *path, name = key.split(".")
+    target = cfg
+    for part in path:
+        target = getattr(target, part)
+    if not hasattr(target, name):
+        sys.exit(f"--set {item!r}: no setting {key}")
+    old = getattr(target, name)
+    if isinstance(old, tuple):
+        new = tuple(type(old[0])(v) if old else int(v) for v in value.split(",") if v)
+    elif isinstance(old, bool):
+        new = value.lower() in ("1", "true", "yes")
+    else:
+        new = type(old)(value)
+    setattr(target, name, new)
 
 
 def evenly_spaced(n: int, k: int) -> list[int]:
