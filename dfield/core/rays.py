@@ -129,6 +129,29 @@ class RayBatcher:
             ids = self.pool[torch.randint(0, len(self.pool), (self.batch_size,), generator=self.gen)]
         return self.rays_of(ids) + (ids,)
 
+    def sample_patches(self, size: int) -> tuple[Rays, torch.Tensor, torch.Tensor]:
+        """Like `sample`, with the batch drawn as batch_size // size^2 square patches of size x size pixels.
+
+        Rays come patch by patch, each patch row-major, so `out.reshape(n, size, size, ...)` gives the patches.
+        A patch is centred on a pixel drawn as `sample` draws one (from the restricted pool when there is one),
+        then moved inside its image; so patches reach the same pixels random rays do, plus their neighbours.
+        """
+        w, h = self.data.width, self.data.height
+        if not 1 <= size <= min(w, h):
+            raise ValueError(f"patch size {size} does not fit {w}x{h} images")
+        n = max(1, self.batch_size // (size * size))
+        if self.pool is None:
+            centre = torch.randint(0, self.n_pixels, (n,), generator=self.gen)
+        else:
+            centre = self.pool[torch.randint(0, len(self.pool), (n,), generator=self.gen)]
+        view, pix = centre // (w * h), centre % (w * h)
+        x0 = (pix % w - size // 2).clamp(0, w - size)
+        y0 = (pix // w - size // 2).clamp(0, h - size)
+        dy, dx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        ids = (view[:, None] * (w * h) + (y0[:, None] + dy.reshape(1, -1)) * w + x0[:, None] + dx.reshape(1, -1))
+        ids = ids.reshape(-1)
+        return self.rays_of(ids) + (ids,)
+
     def rays_of(self, ids: torch.Tensor) -> tuple[Rays, torch.Tensor]:
         """Rays and target colours (R, 3) in [0, 1] of flat pixel ids."""
         rays = dataset_rays(self.data, *pixel_coords(ids, self.data.width, self.data.height))

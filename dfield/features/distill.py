@@ -24,6 +24,9 @@ from dfield.data.dataset import Dataset
 from dfield.errors import RunError
 from dfield.features.fitting import fit_features, ray_feature_loss
 from dfield.features.lifting import lift_features
+from dfield.features.segmenters import make_segmenter
+from dfield.features.smoothing import SmoothSpec
+from dfield.features.targets import render_views, smooth_targets
 from dfield.features.teachers import cached_features, feature_cache_dir, make_teacher
 from dfield.io.atomic import atomic_write_text
 from dfield.io.checkpoint import latest_checkpoint, save_checkpoint
@@ -45,11 +48,15 @@ class Distilled:
 
 def distill(run, teacher: str, method: str = "fit", iterations: int = 1000, dim: int = 32, batch_rays: int = 2048,
             loss: str = "l2", lift_voxels: int = 96**3, device: str = "cpu", threads: int = 0,
-            progress: Progress | None = None) -> Distilled:
+            smooth: str = "", smooth_on: str = "renders", smooth_mode: str = "blur", smooth_sigma: float = 4.0,
+            patch: int = 0, tv: float = 0.0, progress: Progress | None = None) -> Distilled:
     """Add teacher features to a trained run and save them into it.
 
     method "fit" trains a `dim`-wide feature field and decoder on the frozen radiance field for `iterations`
     steps of `batch_rays` rays; "lift" averages teacher features into `lift_voxels` cells in one pass.
+    `smooth` (a --features.smooth spec) smooths the teacher targets first, with masks made on the trained field's
+    renders of the training views (`smooth_on="renders"`, the paper's order) or on the photos; `patch` and `tv`
+    draw fit rays as patches with total variation on them (fit only).
     Any features the run had before are replaced. Everything is checked before anything is written.
     `progress(label, done, total, stats)` is called as teacher maps are computed and as fitting/lifting runs.
 
@@ -58,6 +65,13 @@ def distill(run, teacher: str, method: str = "fit", iterations: int = 1000, dim:
         >>> d.summary["seconds"], d.summary["lift_cells"]         # doctest: +SKIP
     """
     _check_options(method, loss, iterations, dim, batch_rays, lift_voxels)
+    if smooth_on not in ("renders", "photos") or patch < 0 or tv < 0 or (tv > 0 and patch < 2) or smooth_sigma <= 0:
+        raise ValueError(f"bad smoothing options: smooth_on {smooth_on!r} (renders|photos), patch {patch} (>= 0; "
+                         f">= 2 with tv), tv {tv} (>= 0), smooth_sigma {smooth_sigma} (> 0)")
+    if smooth:
+        spec = SmoothSpec.parse(smooth)
+        if spec.kind == "segments":
+            make_segmenter(spec.segmenter)
     if threads > 0:
         torch.set_num_threads(threads)
     run = Path(run)
@@ -71,15 +85,24 @@ def distill(run, teacher: str, method: str = "fit", iterations: int = 1000, dim:
         t0 = time.perf_counter()
         maps = cached_features(t, data, feature_cache_dir(), progress=progress)
         teacher_s = time.perf_counter() - t0
+        smooth_s = 0.0
+        if smooth:
+            t1 = time.perf_counter()
+            renders = render_views(r.model, data, device, progress=progress) if smooth_on == "renders" else None
+            maps = smooth_targets(maps, data, smooth, renders, smooth_sigma, smooth_mode, progress=progress)
+            smooth_s = time.perf_counter() - t1
         before = _optimised_params(r.model)
         if method == "fit":
-            stats = _fit(r.model, data, maps, t.dim, dim, iterations, batch_rays, loss, r.cfg.seed, progress)
+            stats = _fit(r.model, data, maps, t.dim, dim, iterations, batch_rays, loss, r.cfg.seed, patch, tv, progress)
         else:
             stats = _lift(r.model, data, maps, lift_voxels, batch_rays, loss, r.cfg.seed, progress)
     features = dataclasses.replace(r.cfg.features, teacher=teacher, dim=dim if method == "fit" else 0, loss=loss,
-                                   teacher_dim=t.dim, method=method)
+                                   teacher_dim=t.dim, method=method, smooth=smooth, smooth_on=smooth_on,
+                                   smooth_mode=smooth_mode, smooth_sigma=smooth_sigma,
+                                   patch=patch if method == "fit" else 0, tv=tv if method == "fit" else 0.0)
     summary = {"method": method, "teacher": teacher, "teacher_name": t.name, "teacher_dim": t.dim,
                "dim": features.dim, "step": r.step, "views": len(data), "teacher_seconds": teacher_s,
+               "smooth": smooth, "smooth_seconds": smooth_s,
                **stats, "peak_rss_bytes": mem.rss_bytes}
     saved = _save(run, ckpt, r.model, before, features, summary)
     return Distilled(run, r.model, summary, saved)
@@ -96,9 +119,11 @@ def _check_options(method, loss, iterations, dim, batch_rays, lift_voxels) -> No
             raise ValueError(f"--{name} must be at least {low}, got {value}")
 
 
-def _fit(model: GridModel, data: Dataset, maps, teacher_dim, dim, iterations, batch_rays, loss, seed, progress) -> dict:
+def _fit(model: GridModel, data: Dataset, maps, teacher_dim, dim, iterations, batch_rays, loss, seed, patch, tv,
+         progress) -> dict:
     model.add_feature_field(dim, teacher_dim)
-    stats = fit_features(model, data, maps, iterations, batch_rays, loss=loss, seed=seed, progress=progress)
+    stats = fit_features(model, data, maps, iterations, batch_rays, loss=loss, seed=seed, patch=patch, tv=tv,
+                         progress=progress)
     return {"seconds": stats["seconds"], "iterations": iterations, "loss": stats["loss"], "loss_kind": loss,
             "loss_note": "last training batch"}
 

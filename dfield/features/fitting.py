@@ -15,7 +15,7 @@ from dfield.core.rays import RayBatcher, pixel_coords
 from dfield.data.dataset import Dataset
 from dfield.models.base import Model
 from dfield.models.grid import GridModel
-from dfield.models.losses import feature_loss
+from dfield.models.losses import feature_loss, patch_tv_loss
 
 
 def teacher_targets(maps, data: Dataset, ids: torch.Tensor) -> torch.Tensor:
@@ -32,9 +32,10 @@ def ray_feature_loss(model: Model, data: Dataset, maps, rays, ids: torch.Tensor,
 
 def fit_features(model: GridModel, data: Dataset, maps, iterations: int = 1000, batch_rays: int = 2048,
                  lr_grid: float = 0.02, lr_network: float = 1e-3, loss: str = "l2", seed: int = 0,
-                 progress: Callable[[str, int, int, dict | None], None] | None = None) -> dict:
+                 patch: int = 0, tv: float = 0.0, progress: Callable[[str, int, int, dict | None], None] | None = None) -> dict:
     """Train only the feature branch of `model` (add one first: `model.add_feature_field`) against teacher `maps`
-    of `data`'s views, with Adam and learning rates decaying tenfold over the run.
+    of `data`'s views, with Adam and learning rates decaying tenfold over the run. `patch` > 0 draws the rays as
+    patch x patch pixel patches, and `tv` > 0 adds that weight times the total variation of each rendered patch.
 
     `progress("distill", step, iterations, {"loss": value})` is called after each step. Returns seconds, final loss and
     iterations. Every other parameter is frozen while it runs and trainable again afterwards.
@@ -53,8 +54,12 @@ def fit_features(model: GridModel, data: Dataset, maps, iterations: int = 1000, 
     for step in range(iterations):
         for g, base in zip(opt.param_groups, (lr_grid, lr_network)):
             g["lr"] = base * 0.1 ** (step / iterations)
-        rays, _, ids = batcher.sample()
-        value = ray_feature_loss(model, data, maps, rays.to(device), ids, loss)
+        rays, _, ids = batcher.sample_patches(patch) if patch > 0 else batcher.sample()
+        out = model.render_rays(rays.to(device), None, features=True)
+        decoded = model.decode(out["feature"])
+        value = feature_loss(decoded, teacher_targets(maps, data, ids).to(decoded.device), loss)
+        if tv > 0:
+            value = value + tv * patch_tv_loss(decoded, patch)
         opt.zero_grad(set_to_none=True)
         value.backward()
         opt.step()

@@ -25,3 +25,20 @@ def feature_loss(decoded: torch.Tensor, target: torch.Tensor, kind: Literal["l2"
     """
     diff = decoded - target
     return (diff.abs() if kind == "l1" else diff**2).mean()
+
+
+def patch_tv_loss(features: torch.Tensor, size: int) -> torch.Tensor:
+    """Anisotropic total variation of rendered feature patches: `features` (n * size * size, D) in the order
+    RayBatcher.sample_patches draws rays; the mean over patches, neighbour pairs and channels of
+
+        |f[y, x + 1] - f[y, x]| + |f[y + 1, x] - f[y, x]|.
+
+    Example:
+        >>> patch = torch.tensor([[0.], [1.], [0.], [1.]])    # one 2 x 2 patch: columns 0 and 1
+        >>> patch_tv_loss(patch, 2).item()                    # |1-0| across, |0-0| down
+        1.0
+    """
+    if size < 2:
+        raise ValueError(f"total variation needs patches of at least 2 x 2, got {size}")
+    p = features.reshape(-1, size, size, features.shape[-1])
+    return (p[:, :, 1:] - p[:, :, :-1]).abs().mean() + (p[:, 1:] - p[:, :-1]).abs().mean()

@@ -24,6 +24,9 @@ from dfield.core.sampling import ray_aabb
 from dfield.data.dataset import Dataset
 from dfield.errors import RunError, TrainingDiverged
 from dfield.features.fitting import teacher_targets
+from dfield.features.segmenters import make_segmenter
+from dfield.features.smoothing import SmoothSpec
+from dfield.features.targets import load_targets_record, render_views, save_targets_record, smooth_targets
 from dfield.features.teachers import cached_features, feature_cache_dir, make_teacher
 from dfield.io.checkpoint import (
     latest_checkpoint,
@@ -42,9 +45,25 @@ from dfield.io.run import (
     save_config,
     with_checkpoint_features,
 )
-from dfield.models.losses import feature_loss
+from dfield.models.losses import feature_loss, patch_tv_loss
 
 Progress = Callable[[str, int, int, dict | None], None]
+
+
+def _check_feature_options(cfg: TrainConfig) -> None:
+    """Bad smoothing / patch settings fail before anything is read or written."""
+    f = cfg.features
+    if f.patch < 0 or f.tv < 0 or f.smooth_sigma <= 0:
+        raise RunError(f"--features.patch and --features.tv must be >= 0 and --features.smooth-sigma > 0 "
+                       f"(got {f.patch}, {f.tv}, {f.smooth_sigma})")
+    if f.tv > 0 and f.patch < 2:
+        raise RunError(f"--features.tv {f.tv} regularises rendered patches: set --features.patch to 2 or more")
+    if (f.smooth or f.patch or f.tv) and not f.teacher:
+        raise RunError("--features.smooth, --features.patch and --features.tv need a teacher (--features.teacher)")
+    if f.smooth:
+        spec = SmoothSpec.parse(f.smooth)  # TeacherError naming the spec
+        if spec.kind == "segments":
+            make_segmenter(spec.segmenter)
 
 
 class Trainer:
@@ -71,6 +90,8 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.last = {}
         self.teacher_maps = None
+        self.targets = None  # smoothed teacher maps (features.smooth), made when the features start
+        self.progress = progress
         self._missed: tuple[torch.Tensor, torch.Tensor] | None = None
         if cfg.features.teacher and cfg.features.method != "lift":  # lifted features are a fixed grid: nothing to fit
             teacher = teacher or make_teacher(cfg.features.teacher)
@@ -87,6 +108,7 @@ class Trainer:
         # The run folder is read from other working directories later (render, eval, query): keep the data's
         # absolute path, not the one relative to where training started.
         cfg.data.path = Path(cfg.data.path).resolve()
+        _check_feature_options(cfg)
         data = load_train_data(cfg)
         teacher = None
         if cfg.features.teacher:  # built once here: its width goes into the saved config
@@ -188,7 +210,29 @@ class Trainer:
             self.batcher.restrict(pool)
 
     def _teacher_targets(self, ids: torch.Tensor) -> torch.Tensor:
-        return teacher_targets(self.teacher_maps, self.data, ids).to(self.device)
+        maps = self.targets if self.targets is not None else self.teacher_maps
+        return teacher_targets(maps, self.data, ids).to(self.device)
+
+    def smooth_source(self) -> str:
+        """Where features.smooth makes its masks: "renders" or "photos" (auto: renders after radiance first)."""
+        on = self.cfg.features.smooth_on
+        return on if on != "auto" else ("renders" if self.cfg.features.start_step > 0 else "photos")
+
+    def _make_targets(self) -> None:
+        """Smoothed targets, once, when the features start: from RUN/targets.json on resume, else made now."""
+        fcfg = self.cfg.features
+        self.targets = load_targets_record(self.run_dir)
+        if self.targets is not None:
+            return
+        source = self.smooth_source()
+        renders = None
+        if source == "renders":
+            self.model.eval()
+            renders = render_views(self.model, self.data, self.device, progress=self.progress)
+            self.model.train()
+        self.targets = smooth_targets(self.teacher_maps, self.data, fcfg.smooth, renders, fcfg.smooth_sigma,
+                                      fcfg.smooth_mode, progress=self.progress)
+        save_targets_record(self.run_dir, self.targets, source, self.step)
 
     def _missed_rays_feature_loss(self, n: int) -> tuple[torch.Tensor, float] | None:
         """Feature loss on rays that miss the shrunk box, which the batcher no longer draws.
@@ -219,18 +263,24 @@ class Trainer:
             if change.shrunk:
                 self._restrict_rays_to_box()
         self._set_lr()
-        with PROFILER.phase("rays"):
-            rays, target, ids = self.batcher.sample()
-            rays, target = rays.to(self.device), target.to(self.device)
         fcfg = self.cfg.features
         with_features = self.teacher_maps is not None and self.step >= fcfg.start_step
+        if with_features and fcfg.smooth and self.targets is None:
+            self._make_targets()
+        patches = with_features and fcfg.patch > 0
+        with PROFILER.phase("rays"):
+            rays, target, ids = self.batcher.sample_patches(fcfg.patch) if patches else self.batcher.sample()
+            rays, target = rays.to(self.device), target.to(self.device)
         with PROFILER.phase("render"):
             out = self.model.render_rays(rays, self.jitter, features=with_features)
         terms = self.model.losses(out, target)
         loss = sum(terms.values())
         feat_loss = None
         if with_features:
-            feat_loss = feature_loss(self.model.decode(out["feature"]), self._teacher_targets(ids), fcfg.loss)
+            decoded = self.model.decode(out["feature"])
+            feat_loss = feature_loss(decoded, self._teacher_targets(ids), fcfg.loss)
+            if patches and fcfg.tv > 0:
+                feat_loss = feat_loss + fcfg.tv * patch_tv_loss(decoded, fcfg.patch)
             miss = self._missed_rays_feature_loss(len(ids) // 8)
             if miss is not None:  # weighted as if the batch had been drawn from every pixel
                 value, frac = miss

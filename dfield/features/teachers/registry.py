@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from dfield.errors import TeacherError
+from dfield.features.specs import parse_spec
 from dfield.features.teachers.base import Teacher
 from dfield.features.teachers.clip import ClipTeacher
 from dfield.features.teachers.dinov2_onnx import DinoV2Teacher
@@ -31,37 +32,26 @@ def teacher_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _parse_value(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
-
-
 def make_teacher(spec: str, **kw) -> Teacher:
     """Build a teacher from a spec: "synthetic", "dinov2", "clip", "files:<folder>" or a registered name.
 
     Settings ride along as "name:key=value,key=value" (e.g. "dinov2:block=7,input_size=518",
     "synthetic:noise=0.8"); an argument without "=" is passed positionally ("files:feats/", "clip:PATH").
     """
-    name, sep, arg = str(spec).partition(":")
+    try:
+        name, arg, settings = parse_spec(spec)
+    except ValueError as e:
+        raise TeacherError(f"teacher {e}") from None
     factory = _REGISTRY.get(name)
     if factory is None:
         raise TeacherError(f"unknown teacher {spec!r}; known: {', '.join(teacher_names())} "
                            "(add one with dfield.features.teachers.register_teacher)")
-    if sep and "=" in arg:
-        for item in arg.split(","):
-            key, eq, value = item.partition("=")
-            if not eq or not key.strip():
-                raise TeacherError(f"teacher settings must be key=value pairs, got {item!r} in {spec!r}")
-            kw[key.strip()] = _parse_value(value.strip())
+    if settings:
         try:
-            return factory(**kw)
+            return factory(**settings, **kw)
         except TypeError as e:
             raise TeacherError(f"bad settings for teacher {name!r} in {spec!r}: {e}") from None
-    return factory(arg, **kw) if sep else factory(**kw)
+    return factory(arg, **kw) if arg is not None else factory(**kw)
 
 
 def _files_factory(folder=None, **kw):

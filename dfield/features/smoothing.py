@@ -1,0 +1,226 @@
+"""Smoother feature targets (Smoothness in Distilled Feature Fields): teacher maps are noisy and blur across
+object edges, so the targets a field is distilled from are first smoothed, edge-aware.
+
+- **segments**: per view, a segmenter's regions (dfield.features.segmenters) steer the blur. Inside region k the
+  target is the normalised convolution of the teacher features F (bilinearly upsampled to image pixels) with a
+  Gaussian G of `sigma` pixels, restricted to the region's mask M_k,
+
+      T(p) = sum_q G(p - q) M_k(q) F(q) / sum_q G(p - q) M_k(q)      for p in region k,
+
+  or the region's mean feature (mode "mean"). Pixels under no region keep F exactly. No value crosses a mask edge.
+- **bilateral**: the joint bilateral filter of F guided by the RGB image I, the edge-aware baseline:
+
+      T(p) = sum_q w(p, q) F(q) / sum_q w(p, q),
+      w(p, q) = exp(-|p - q|^2 / (2 sigma_space^2) - |I(p) - I(q)|^2 / (2 sigma_color^2)),  |p - q|_inf <= 2 sigma_space.
+
+The smoothed targets are image-resolution fp16 maps (N, H, W, D), cached on disk like the teacher maps, and
+sampled by the trainer exactly as raw maps are (FeatureMaps.sample).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dfield.errors import TeacherError
+from dfield.features.specs import parse_spec
+from dfield.features.teachers.cache import FeatureMaps
+from dfield.io.atomic import atomic_path, atomic_write_text
+
+Progress = Callable[[str, int, int, dict | None], None]
+
+
+@dataclass
+class SmoothSpec:
+    """A parsed `--features.smooth` value: "segments:<segmenter spec>" or "bilateral[:sigma_space=S,sigma_color=C]".
+
+    Example:
+        >>> SmoothSpec.parse("segments:felzenszwalb:scale=50").segmenter
+        'felzenszwalb:scale=50'
+        >>> SmoothSpec.parse("bilateral:sigma_space=2").sigma_space
+        2.0
+    """
+
+    kind: str  # "segments" or "bilateral"
+    segmenter: str = ""
+    sigma_space: float = 3.0  # bilateral: spatial sigma, image pixels
+    sigma_color: float = 0.1  # bilateral: RGB sigma, colours in [0, 1]
+
+    @classmethod
+    def parse(cls, spec: str) -> "SmoothSpec":
+        """Read a spec string; TeacherError (a one-line user error) when it is malformed."""
+        try:
+            kind, arg, settings = parse_spec(spec)
+        except ValueError as e:
+            raise TeacherError(f"--features.smooth: {e}") from None
+        if kind == "segments":
+            if not arg:
+                raise TeacherError(f"--features.smooth {spec!r}: name a segmenter, e.g. segments:felzenszwalb, "
+                                   "segments:litemedsam, segments:gt or segments:files:<folder>")
+            return cls("segments", segmenter=arg)
+        if kind == "bilateral":
+            unknown = set(settings) - {"sigma_space", "sigma_color"}
+            if arg or unknown:
+                raise TeacherError(f"--features.smooth {spec!r}: bilateral takes sigma_space=, sigma_color=")
+            out = cls("bilateral", sigma_space=float(settings.get("sigma_space", 3.0)),
+                      sigma_color=float(settings.get("sigma_color", 0.1)))
+            if out.sigma_space <= 0 or out.sigma_color <= 0:
+                raise TeacherError(f"--features.smooth {spec!r}: sigmas must be positive")
+            return out
+        raise TeacherError(f"--features.smooth {spec!r}: expected segments:<segmenter> or bilateral[:...]")
+
+
+def upsample_features(fmap: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(h, w, D) -> (H, W, D) float32, bilinear with cell centres spread over the image and edges clamped: the
+    values FeatureMaps.sample returns at the image's pixel centres."""
+    x = torch.as_tensor(fmap).float().permute(2, 0, 1)[None]
+    if x.shape[2:] == (height, width):
+        return x[0].permute(1, 2, 0).contiguous()
+    return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)[0].permute(1, 2, 0).contiguous()
+
+
+def _gaussian(sigma: float) -> torch.Tensor:
+    r = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-r, r + 1, dtype=torch.float32)
+    g = torch.exp(-0.5 * (x / sigma) ** 2)
+    return g / g.sum()
+
+
+def _blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Separable zero-padded Gaussian of (C, H, W)."""
+    c, r = x.shape[0], len(g) // 2
+    x = F.conv2d(x[None], g.view(1, 1, 1, -1).expand(c, 1, 1, -1), padding=(0, r), groups=c)
+    return F.conv2d(x, g.view(1, 1, -1, 1).expand(c, 1, -1, 1), padding=(r, 0), groups=c)[0]
+
+
+def blur_within_labels(features: torch.Tensor, labels: torch.Tensor, sigma: float = 4.0,
+                       mode: str = "blur") -> torch.Tensor:
+    """Features (H, W, D) smoothed inside each region of `labels` (H, W) ints (0: no region), never across one.
+
+    mode "blur": the Gaussian normalised convolution restricted to the region (module docstring); "mean": the
+    region's mean. Pixels with label 0 are returned unchanged, bit for bit.
+
+    Example:
+        >>> f = torch.tensor([[[0.], [2.], [10.]]]); lab = torch.tensor([[1, 1, 0]])
+        >>> blur_within_labels(f, lab, mode="mean")[0, :, 0].tolist()
+        [1.0, 1.0, 10.0]
+    """
+    if mode not in ("blur", "mean"):
+        raise ValueError(f"mode must be 'blur' or 'mean', got {mode!r}")
+    labels = torch.as_tensor(labels).long()
+    if labels.shape != features.shape[:2]:
+        raise ValueError(f"labels {tuple(labels.shape)} and features {tuple(features.shape)} differ in size")
+    out = features.clone()
+    if int(labels.max()) <= 0:
+        return out
+    g = _gaussian(sigma) if mode == "blur" else None
+    flat = labels.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat)
+    starts = torch.cumsum(counts, 0) - counts
+    w = labels.shape[1]
+    for k in range(1, len(counts)):
+        if counts[k] == 0:
+            continue
+        pix = order[starts[k]:starts[k] + counts[k]]
+        ys, xs = pix // w, pix % w
+        if mode == "mean":
+            out[ys, xs] = features[ys, xs].mean(0)
+            continue
+        y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+        m = (labels[y0:y1, x0:x1] == k).float()
+        crop = features[y0:y1, x0:x1].permute(2, 0, 1) * m
+        num = _blur(torch.cat([crop, m[None]]), g)
+        val = (num[:-1] / num[-1:].clamp(min=1e-12)).permute(1, 2, 0)
+        out[ys, xs] = val[ys - y0, xs - x0]
+    return out
+
+
+def joint_bilateral(features: torch.Tensor, guide: torch.Tensor, sigma_space: float = 3.0,
+                    sigma_color: float = 0.1) -> torch.Tensor:
+    """Joint bilateral filter of features (H, W, D) guided by an image (H, W, C) in [0, 1] (module docstring).
+
+    Offsets beyond the image take no weight (no padding values enter). Memory O(H W D): one offset at a time.
+
+    Example:
+        >>> f = torch.tensor([[[0.], [1.]]]); rgb = torch.tensor([[[0., 0, 0], [1., 1, 1]]])
+        >>> joint_bilateral(f, rgb, sigma_space=1, sigma_color=0.1)[0, :, 0].tolist()
+        [0.0, 1.0]
+    """
+    h, w, _ = features.shape
+    r = max(1, math.ceil(2 * sigma_space))
+    guide = torch.as_tensor(guide).float()
+    num = torch.zeros_like(features, dtype=torch.float32)
+    den = torch.zeros(h, w, 1)
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            # target pixels p whose neighbour p + (dy, dx) lies inside the image
+            ty0, ty1, tx0, tx1 = max(0, -dy), min(h, h - dy), max(0, -dx), min(w, w - dx)
+            if ty1 <= ty0 or tx1 <= tx0:
+                continue
+            src = (slice(ty0 + dy, ty1 + dy), slice(tx0 + dx, tx1 + dx))
+            dst = (slice(ty0, ty1), slice(tx0, tx1))
+            diff = (guide[src] - guide[dst]).square().sum(-1, keepdim=True)
+            wgt = torch.exp(-(dx * dx + dy * dy) / (2 * sigma_space**2) - diff / (2 * sigma_color**2))
+            num[dst] += wgt * features[src]
+            den[dst] += wgt
+    return num / den
+
+
+def smoothed_maps(raw: FeatureMaps, images, spec: SmoothSpec, cache_dir: Path, labels=None, sigma: float = 4.0,
+                  mode: str = "blur", key_extra: str = "", progress: Progress | None = None) -> FeatureMaps:
+    """Smoothed image-resolution targets (N, H, W, D) fp16 of teacher `raw` maps, computed once into `cache_dir`.
+
+    `images` uint8 (N, H, W, 3) are the views (photos or renders) the targets belong to; `labels` int (N, H, W)
+    are the segment label maps (spec.kind "segments"). The cache key holds the raw maps' key, the images, the
+    labels and every setting; `key_extra` adds anything else the caller wants in it.
+    `progress("smooth", done, N, None)` follows the views (never on a cache hit).
+    """
+    images = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    n, h, w = images.shape[:3]
+    if len(raw) != n:
+        raise ValueError(f"{len(raw)} teacher maps for {n} images")
+    if spec.kind == "segments" and (labels is None or tuple(labels.shape) != (n, h, w)):
+        raise ValueError(f"segment smoothing needs (N, H, W) = {(n, h, w)} labels")
+    hsh = hashlib.sha1(f"dfield-smooth-v1\0{spec}\0{sigma}\0{mode}\0{key_extra}\0".encode())
+    hsh.update(raw.path.stem.encode() if raw.path is not None else np.ascontiguousarray(raw.maps).tobytes())
+    for i in range(n):
+        hsh.update(np.ascontiguousarray(images[i]).tobytes())
+        if labels is not None:
+            hsh.update(np.ascontiguousarray(labels[i]).astype(np.int32).tobytes())
+    cache_dir = Path(cache_dir)
+    npy = cache_dir / f"{hsh.hexdigest()}.npy"
+    name = f"{raw.teacher}+{spec.kind}"
+    if npy.is_file():
+        try:
+            maps = np.load(npy, mmap_mode="r")
+            if maps.shape == (n, h, w, raw.dim) and maps.dtype == np.float16:
+                return FeatureMaps(maps, raw.image_size, name, npy)
+        except (OSError, ValueError):
+            pass
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(npy) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, h, w, raw.dim))
+        for i in range(n):
+            f = upsample_features(raw.view(i), h, w)
+            if spec.kind == "segments":
+                f = blur_within_labels(f, torch.from_numpy(np.array(labels[i])), sigma, mode)
+            else:
+                f = joint_bilateral(f, torch.from_numpy(images[i]).float() / 255.0, spec.sigma_space, spec.sigma_color)
+            out[i] = f.numpy().astype(np.float16)
+            if progress is not None:
+                progress("smooth", i + 1, n, None)
+        out.flush()
+        del out
+    atomic_write_text(npy.with_suffix(".json"), json.dumps({"teacher": raw.teacher, "smooth": str(spec), "sigma": sigma,
+                                                             "mode": mode, "shape": [n, h, w, raw.dim]}) + "\n",
+                      durable=False)
+    return FeatureMaps(np.load(npy, mmap_mode="r"), raw.image_size, name, npy)

@@ -1,0 +1,77 @@
+"""Feature targets of a run: the teacher's maps as they are, or smoothed (dfield.features.smoothing) on either the
+input photos or the radiance field's renders of the training views (radiance first, then features).
+
+    maps = smooth_targets(raw_maps, data, "segments:felzenszwalb", renders=render_views(model, data))
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dfield.core.image_rendering import ndc_of, render_image
+from dfield.data.dataset import Dataset
+from dfield.features.segmenters import cached_segments, make_segmenter, segment_cache_dir
+from dfield.features.smoothing import SmoothSpec, smoothed_maps
+from dfield.features.teachers.cache import FeatureMaps, feature_cache_dir
+from dfield.io.atomic import atomic_write_text
+from dfield.models.base import Model
+
+Progress = Callable[[str, int, int, dict | None], None]
+
+
+@torch.no_grad()
+def render_views(model: Model, data: Dataset, device="cpu", chunk: int = 8192,
+                 progress: Progress | None = None) -> dict[str, np.ndarray]:
+    """The model's renders of every view of `data`: rgb uint8 (N, H, W, 3) and depth float32 (N, H, W)."""
+    rgb, depth = [], []
+    for i in range(len(data)):
+        out = render_image(model, data.cameras, i, ndc_of(data), chunk, device)
+        rgb.append((out["rgb"].clamp(0, 1) * 255).round().to(torch.uint8).numpy())
+        depth.append(out["depth"].float().numpy())
+        if progress is not None:
+            progress("render views", i + 1, len(data), None)
+    return {"rgb": np.stack(rgb), "depth": np.stack(depth)}
+
+
+def smooth_targets(raw: FeatureMaps, data: Dataset, smooth: str, renders: dict[str, np.ndarray] | None = None,
+                   sigma: float = 4.0, mode: str = "blur", progress: Progress | None = None) -> FeatureMaps:
+    """`raw` teacher maps of `data`'s views smoothed by `smooth` (a --features.smooth spec), on the `renders`
+    (from `render_views`) when given, else on the photos. Masks and targets are cached on disk."""
+    spec = SmoothSpec.parse(smooth)
+    images = renders["rgb"] if renders is not None else data.images.numpy()
+    depth = renders["depth"] if renders is not None else None
+    labels = None
+    if spec.kind == "segments":
+        seg = make_segmenter(spec.segmenter)
+        labels = cached_segments(seg, images, segment_cache_dir(), depths=depth, features=raw,
+                                 object_ids=data.object_ids, paths=[str(p) for p in data.image_paths],
+                                 progress=progress)
+    return smoothed_maps(raw, images, spec, feature_cache_dir() / "smoothed", labels, sigma, mode, progress=progress)
+
+
+def save_targets_record(run_dir: Path, maps: FeatureMaps, source: str, step: int) -> None:
+    """Remember in RUN/targets.json which smoothed maps a run trains on, so a resumed run reuses them (renders made
+    again from later weights would differ)."""
+    record = {"path": str(maps.path), "teacher": maps.teacher, "source": source, "step": step,
+              "shape": list(maps.maps.shape), "image_size": list(maps.image_size)}
+    atomic_write_text(Path(run_dir) / "targets.json", json.dumps(record, indent=1) + "\n")
+
+
+def load_targets_record(run_dir: Path) -> FeatureMaps | None:
+    """The smoothed maps RUN/targets.json names, or None when there is no record or its file is gone or changed."""
+    f = Path(run_dir) / "targets.json"
+    if not f.is_file():
+        return None
+    try:
+        rec = json.loads(f.read_text())
+        maps = np.load(rec["path"], mmap_mode="r")
+    except (OSError, ValueError, KeyError):
+        return None
+    if list(maps.shape) != rec.get("shape") or maps.dtype != np.float16:
+        return None
+    return FeatureMaps(maps, tuple(rec["image_size"]), rec.get("teacher", ""), Path(rec["path"]))
