@@ -112,3 +112,21 @@ def test_lpips_refuses_without_cached_alexnet(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     fn, reason = lpips_fn("cpu")
     assert fn is None and "AlexNet" in reason and "not downloading" in reason
+
+
+def test_boundary_f_by_hand():
+    from dfield.core.metrics import boundary_f, mask_boundary
+
+    a = torch.zeros(10, 10, dtype=torch.bool)
+    a[2:6, 2:6] = True
+    assert int(mask_boundary(a).sum()) == 12  # a 4x4 square: 16 pixels, 4 inside
+    assert boundary_f(a, a) == 1.0
+    shifted = torch.zeros_like(a)
+    shifted[2:6, 4:8] = True  # two columns right
+    assert boundary_f(a, shifted, tolerance=2) == 1.0
+    # tolerance 0: the boundaries share rows 2 and 5 at columns 4 and 5 only (4 of 12 pixels each way): P = R = 1/3
+    assert boundary_f(a, shifted, tolerance=0) == pytest.approx(1 / 3)
+    assert boundary_f(a, torch.zeros_like(a)) == 0.0
+    assert boundary_f(torch.zeros_like(a), torch.zeros_like(a)) is None
+    full = torch.ones(4, 4, dtype=torch.bool)
+    assert int(mask_boundary(full).sum()) == 12  # the image border counts as outside

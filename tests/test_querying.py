@@ -217,9 +217,10 @@ def test_per_object_iou(fresh_run):
     names = set(open_run(fresh_run).scene.object_names.values())
     assert set(res["objects"]) <= names and "ground" in res["objects"]
     for row in res["objects"].values():
-        for k in ("field_patch", "teacher_patch", "field_click", "teacher_click"):
-            assert row[k] is None or 0 <= row[k] <= 1
-    assert set(res["mean"]) == {"field_patch", "teacher_patch", "field_click", "teacher_click"}
+        for k in ("field_patch", "teacher_patch", "field_click", "teacher_click", "boundary_f_patch", "boundary_f_click"):
+            assert row.get(k) is None or 0 <= row[k] <= 1
+    assert set(res["mean"]) == {"field_patch", "teacher_patch", "field_click", "teacher_click", "boundary_f_patch",
+                                "boundary_f_click"}
 
 
 def test_cli_query(fresh_run, tmp_path, capsys):

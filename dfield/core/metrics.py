@@ -185,6 +185,43 @@ def miou(pred_ids, gt_ids, ids=None, ignore=None):
     return mean, per_id
 
 
+def mask_boundary(mask: torch.Tensor) -> torch.Tensor:
+    """Boundary pixels of boolean masks (..., H, W): mask pixels with a 4-neighbour outside the mask (the image
+    border counts as outside)."""
+    m = mask.bool()
+    x = m.reshape(-1, 1, *m.shape[-2:]).float()
+    cross = F.pad(x, (1, 1, 1, 1))
+    four = torch.minimum(torch.minimum(cross[..., :-2, 1:-1], cross[..., 2:, 1:-1]),
+                         torch.minimum(cross[..., 1:-1, :-2], cross[..., 1:-1, 2:]))
+    return m & ~(four.reshape(m.shape) > 0)
+
+
+def boundary_f(pred, gt, tolerance: int = 2) -> float | None:
+    """Boundary F-score of boolean masks pred and gt (..., H, W): precision = share of predicted boundary pixels
+    within `tolerance` pixels (Chebyshev) of a true boundary pixel, recall the other way round, F = 2PR / (P + R).
+    None when neither has a boundary; 0 when only one has.
+
+    Example:
+        >>> a = torch.zeros(8, 8, dtype=torch.bool); a[2:6, 2:6] = True
+        >>> boundary_f(a, a), boundary_f(a, torch.roll(a, 1, 1), tolerance=1), boundary_f(a, torch.zeros_like(a))
+        (1.0, 1.0, 0.0)
+    """
+    bp, bg = mask_boundary(torch.as_tensor(pred)), mask_boundary(torch.as_tensor(gt))
+    n_p, n_g = int(bp.sum()), int(bg.sum())
+    if n_p == 0 and n_g == 0:
+        return None
+    if n_p == 0 or n_g == 0:
+        return 0.0
+
+    def near(b):
+        x = b.reshape(-1, 1, *b.shape[-2:]).float()
+        return (F.max_pool2d(x, 2 * tolerance + 1, stride=1, padding=tolerance) > 0).reshape(b.shape)
+
+    precision = int((bp & near(bg)).sum()) / n_p
+    recall = int((bg & near(bp)).sum()) / n_g
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
 def pixel_accuracy(pred_ids, gt_ids, ignore=None) -> float:
     """Fraction of pixels whose predicted id equals the ground truth; pixels where gt == `ignore` do not count
     (nan if none counts)."""

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dfield.core.metrics import iou
+from dfield.core.metrics import boundary_f, iou
 from dfield.errors import QueryError
 from dfield.features.segmentation import upsample_map
 from dfield.query.builder import make_query
@@ -122,6 +122,7 @@ def query_iou_per_object(run, box: str = "interior", split: str = "test", teache
             else:
                 masks = torch.stack([r.mask for r in relevance(ctx, q, test.cameras, threshold=spec.threshold)])
                 row[f"field_{kind}"] = iou(masks, gt == obj)
+                row[f"boundary_f_{kind}"] = boundary_f(masks, gt == obj)
             if teacher:
                 masks = teacher_masks(ctx, teacher_query(ctx, spec), split, spec.threshold)
                 row[f"teacher_{kind}"] = iou(masks, gt == obj)
@@ -133,7 +134,7 @@ def query_iou_per_object(run, box: str = "interior", split: str = "test", teache
 def mean_scores(objects: dict) -> dict:
     """Mean of every score column over the objects (ground excluded: id 1 is the ground in generated scenes)."""
     rows = [r for r in objects.values() if r["id"] != 1]
-    cols = [k for k in (rows[0] if rows else {}) if k.startswith(("field_", "teacher_"))]
+    cols = [k for k in (rows[0] if rows else {}) if k.startswith(("field_", "teacher_", "boundary_f_"))]
     means = {}
     for c in cols:
         values = [r[c] for r in rows if r.get(c) is not None]
@@ -146,8 +147,9 @@ TUNABLE = ("negatives", "temperature", "threshold", "auto_views", "clusters", "c
 
 def format_object_table(res: dict) -> str:
     """A plain-text table of `query_iou_per_object` output: one row per object and the mean row, one column
-    per score it has (field/teacher patch/click IoU, 3 decimals, '-' where missing)."""
-    cols = [c for c in ("field_patch", "teacher_patch", "field_click", "teacher_click")
+    per score it has (field/teacher patch/click IoU, the field masks' boundary F, 3 decimals, '-' where missing)."""
+    cols = [c for c in ("field_patch", "teacher_patch", "field_click", "teacher_click", "boundary_f_patch",
+                        "boundary_f_click")
             if any(c in r for r in res["objects"].values())]
     lines = [f"{'object':<18}" + "".join(f"{c:>15}" for c in cols)]
     for name, r in res["objects"].items():
