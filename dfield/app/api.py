@@ -24,11 +24,14 @@ from dfield.features.distill import distill as add_features
 from dfield.features.pca import FeaturePCA
 from dfield.io.export import colorize_depth, save_png, save_video
 from dfield.io.run import load_config, load_eval_data, open_run
+from dfield.io.summary import format_summary as format_run_summary
+from dfield.io.summary import run_summary
 from dfield.query.evaluation import format_object_table
 from dfield.query.outputs import run_query
 from dfield.query.spec import QuerySpec
 from dfield.training.evaluate import evaluate_run
 from dfield.training.trainer import Trainer
+from dfield.view.server import Viewer
 
 console = Console(stderr=True)
 
@@ -215,3 +218,26 @@ def edit(run: Path, spec: Path, out: Path | None = None, path: str = "test", fra
         console.print(f"mesh: {s['mesh']['vertices']} vertices -> {s['mesh']['file']}")
     return s
 
+
+# ------------------------------------------------------------------------------------------- looking at runs
+
+
+def info(run: Path) -> dict:
+    """`dfield info`: print what a run folder holds (data, model, teacher, steps, metrics, edits); returns it."""
+    s = run_summary(run)
+    console.print(format_run_summary(s), highlight=False)
+    return s
+
+
+def view(runs: list[Path], host: str = "127.0.0.1", port: int = 8080, resolution: int = 256, device: str = "cpu",
+         block: bool = True):
+    """`dfield view`: serve runs in the browser (see dfield.view.server). Blocks until Ctrl-C when `block`; returns
+    the Viewer otherwise."""
+    viewer = Viewer(runs, host=host, port=port, levels=(min(64, resolution), resolution), device=device)
+    console.print(f"viewer on [bold]{viewer.url}[/bold] ({', '.join(str(r) for r in runs)}); Ctrl-C stops it",
+                  highlight=False)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]listening on {host}: anyone who reaches this port can see and edit these runs[/yellow]")
+    if block:
+        viewer.wait()
+    return viewer

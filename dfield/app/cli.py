@@ -171,6 +171,29 @@ def edit(run: tyro.conf.Positional[Path], spec: Path, out: Path | None = None, p
              mesh_resolution=mesh_resolution, mesh_opacity=mesh_opacity, device=device)
 
 
+@app.command
+def view(runs: tyro.conf.Positional[tuple[Path, ...]], port: int = 8080, host: str = "127.0.0.1", resolution: int = 256,
+         device: str = "cpu") -> None:
+    """Open runs in the browser: fly around, click or box objects to query them, edit and save. Ctrl-C stops it.
+
+    Example: dfield view runs/toy   (then open http://127.0.0.1:8080; several runs: a dropdown switches them)
+
+    Args:
+        runs: One or more run folders.
+        port: Port to serve on.
+        host: Address to bind; 127.0.0.1 (the default) serves this machine only. From another machine, tunnel:
+            ssh -L 8080:127.0.0.1:8080 USER@HOST, then open http://127.0.0.1:8080 there.
+        resolution: Longest side of the full-quality frame, pixels (coarse frames while the camera moves).
+    """
+    api.view(list(runs), host=host, port=port, resolution=resolution, device=device)
+
+
+@app.command
+def info(run: tyro.conf.Positional[Path]) -> None:
+    """Show what a run holds: data, model, teacher, steps, metrics, edits."""
+    api.info(run)
+
+
 USER_ERRORS = (DfieldError, ValueError, FileNotFoundError)
 KINDS = {DataError: "bad data", RunError: "bad run", TrainingDiverged: "training diverged"}
 

@@ -18,11 +18,12 @@ from dfield.edit.colors import color_transfer, hue_shift, rgb_to_hsv, set_color
 from dfield.edit.selection import BoxSelection, FeatureSelection, VoxelSelection, selection_bounds
 from dfield.edit.spec import Edit, Select
 from dfield.edit.wrappers import Delete, Extract, Place, Recolor, affine
-from dfield.errors import EditError, RunError
+from dfield.errors import EditError, QueryError, RunError
 from dfield.io.run import Run, open_run
 from dfield.models.base import Model
 from dfield.models.grid import GridModel
 from dfield.query.builder import make_query
+from dfield.query.sets import load_query_set
 from dfield.query.spec import QuerySpec
 
 
@@ -80,10 +81,19 @@ def make_selection(sel: Select, run, field, step: float):
     if field.features is None:
         raise EditError(f"{run.path}: this run has no feature field, so it can only be edited with 'box' selections "
                         "(add features with dfield distill RUN --teacher ...)")
-    as_view = lambda v: None if v is None else (int(v[0]), *v[1:])  # noqa: E731 (the view is an index)
-    spec = QuerySpec(text=list(sel.text), patch=as_view(sel.patch), click=as_view(sel.click), negatives=sel.negatives,
-                     temperature=sel.temperature, threshold=sel.threshold)
-    query = make_query(run, spec)
+    if sel.query is not None:
+        try:
+            query = load_query_set(sel.query)
+        except QueryError as e:
+            raise EditError(str(e)) from None
+        if query.positives.shape[1] != run.cfg.features.teacher_dim:
+            raise EditError(f"{sel.query}: the query has {query.positives.shape[1]}-d embeddings, the run's teacher "
+                            f"{run.cfg.features.teacher_dim}-d")
+    else:
+        as_view = lambda v: None if v is None else (int(v[0]), *v[1:])  # noqa: E731 (the view is an index)
+        spec = QuerySpec(text=list(sel.text), patch=as_view(sel.patch), click=as_view(sel.click),
+                         negatives=sel.negatives, temperature=sel.temperature, threshold=sel.threshold)
+        query = make_query(run, spec)
     exact = FeatureSelection(field.features, query, sel.threshold)
     low = sel.threshold / 5 if sel.low is None else sel.low
     grid = VoxelSelection.sample(exact, field.aabb, sel.resolution, _DenseCells(field, step), sel.dilate, low=low,
@@ -96,7 +106,10 @@ def make_selection(sel: Select, run, field, step: float):
 
 @torch.no_grad()
 def seed_points(run, sel: Select) -> torch.Tensor | None:
-    """The 3D points a click or a patch (its centre and a 3x3 grid inside it) lands on, from rendered depth."""
+    """The 3D points a click or a patch (its centre and a 3x3 grid inside it) lands on, from rendered depth, or
+    the spec's own `seeds`."""
+    if sel.seeds:
+        return torch.tensor(sel.seeds, dtype=torch.float32)
     if sel.click is not None:
         view, us, vs = int(sel.click[0]), [sel.click[1] + 0.5], [sel.click[2] + 0.5]
     elif sel.patch is not None:
@@ -117,7 +130,7 @@ def seed_points(run, sel: Select) -> torch.Tensor | None:
 
 
 def _describe(sel: Select) -> str:
-    for k in ("text", "patch", "click", "box"):
+    for k in ("text", "patch", "click", "box", "query"):
         if getattr(sel, k):
             return f"{k}={getattr(sel, k)}"
     return "?"

@@ -2,7 +2,8 @@
 
     edits:
       - op: recolor                       # extract | delete | recolor | transform | composite
-        select: {patch: [VIEW, X0, Y0, X1, Y1]}   # or text: [...], click: [VIEW, X, Y], box: [[x,y,z], [x,y,z]]
+        select: {patch: [VIEW, X0, Y0, X1, Y1]}   # or text: [...], click: [VIEW, X, Y], box: [[x,y,z], [x,y,z]],
+                                                  # query: FILE (a query set saved by the viewer)
         hue_shift: 120                    # recolor: one of hue_shift (degrees), color [r, g, b], transfer IMAGE
       - op: transform
         select: {click: [3, 50, 42]}
@@ -31,7 +32,7 @@ OPS = ("extract", "delete", "recolor", "transform", "composite")
 
 @dataclass
 class Select:
-    """What an edit acts on: exactly one of text queries, a patch, a click or a world box, and how the selection
+    """What an edit acts on: exactly one of text queries, a patch, a click, a world box or a saved query, and how the selection
     is scored and cleaned up (negatives, threshold, temperature, hysteresis, connectivity, dilation, grid size)."""
 
     text: list[str] = field(default_factory=list)
@@ -41,6 +42,10 @@ class Select:
     """[VIEW, X, Y]: a pixel of training view VIEW."""
     box: list[list[float]] | None = None
     """[[x0, y0, z0], [x1, y1, z1]]: a world-space box (no features needed)."""
+    query: str | None = None
+    """A query-set file (JSON: positives, negatives, temperature, centre), as the viewer saves its selections."""
+    seeds: list[list[float]] | None = None
+    """World points the selection must touch (with `connected`): where the viewer's clicks landed."""
     negatives: list[str] | str | None = None
     """Texts, or "auto" (scene feature clusters unlike the query); default: auto for patch/click, stock phrases for text."""
     threshold: float = 0.5
@@ -88,18 +93,27 @@ def _keys(where: str, d, cls) -> None:
         raise EditError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
 
 
-def parse_select(where: str, d) -> Select:
-    """Validate a `select:` mapping into a Select (a text string becomes a one-item list, vectors become floats).
+def parse_select(where: str, d, base_dir: Path = Path(".")) -> Select:
+    """Validate a `select:` mapping into a Select (a text string becomes a one-item list, vectors become floats,
+    a query file is resolved against `base_dir`).
 
     Raises:
-        EditError: naming `where`, for an unknown key, not exactly one of text/patch/click/box, a vector of the
-            wrong length, or a threshold outside (0, 1).
+        EditError: naming `where`, for an unknown key, not exactly one of text/patch/click/box/query, a vector of
+            the wrong length, a query file that does not exist, or a threshold outside (0, 1).
     """
     _keys(where, d, Select)
     s = Select(**d)
-    given = [k for k in ("text", "patch", "click", "box") if getattr(s, k)]
+    given = [k for k in ("text", "patch", "click", "box", "query") if getattr(s, k)]
     if len(given) != 1:
-        raise EditError(f"{where}: give exactly one of text, patch, click, box (got {given or 'none'})")
+        raise EditError(f"{where}: give exactly one of text, patch, click, box, query (got {given or 'none'})")
+    if s.query is not None:
+        s.query = str((base_dir / s.query).resolve())
+        if not Path(s.query).is_file():
+            raise EditError(f"{where}: query file {s.query} not found")
+    if s.seeds is not None:
+        if not isinstance(s.seeds, list):
+            raise EditError(f"{where}: 'seeds' must be a list of [x, y, z] points")
+        s.seeds = [_vec(where, "seeds", p, 3) for p in s.seeds]
     if isinstance(s.text, str):
         s.text = [s.text]
     if s.patch is not None:
@@ -129,7 +143,7 @@ def parse_edit(i: int, d, base_dir: Path) -> Edit:
     where = f"edit {i} ({d['op']})"
     e = Edit(**d)
     if e.select is not None:
-        e.select = parse_select(f"{where} select", e.select)
+        e.select = parse_select(f"{where} select", e.select, base_dir)
     elif e.op != "composite":
         raise EditError(f"{where}: needs a 'select'")
     if e.op == "recolor":

@@ -7,12 +7,15 @@ the soft selection; a cosine threshold on one positive is the simple alternative
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from dfield.errors import QueryError
+from dfield.io.atomic import atomic_write_text
 
 
 @dataclass
@@ -81,3 +84,32 @@ def click_embedding(feature_map: torch.Tensor, xy: tuple[float, float], image_si
         raise QueryError(f"click ({x}, {y}) is outside the {width}x{height} image")
     h, w = feature_map.shape[:2]
     return feature_map[int(y * h / height), int(x * w / width)].float()
+
+
+def query_set_dict(q: QuerySet) -> dict:
+    """A QuerySet as JSON-able lists (what `save_query_set` writes)."""
+    return {"positives": q.positives.tolist(), "negatives": q.negatives.tolist(), "temperature": q.temperature,
+            "normalize": q.normalize, "center": None if q.center is None else torch.as_tensor(q.center).tolist()}
+
+
+def save_query_set(path, q: QuerySet) -> Path:
+    """Write a query set as JSON (positives, negatives, temperature, centre), atomically: a query made in the
+    viewer becomes a file an edit spec can name (`select: {query: FILE}`)."""
+    atomic_write_text(Path(path), json.dumps(query_set_dict(q)))
+    return Path(path)
+
+
+def load_query_set(path) -> QuerySet:
+    """Read a query set written by `save_query_set`; QueryError naming the file when it is not one."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+        pos = torch.tensor(d["positives"], dtype=torch.float32)
+        neg = torch.tensor(d.get("negatives") or [], dtype=torch.float32).reshape(-1, pos.shape[-1])
+        center = None if d.get("center") is None else torch.tensor(d["center"], dtype=torch.float32)
+        return QuerySet(pos, neg, temperature=float(d.get("temperature", 0.1)), normalize=bool(d.get("normalize", True)),
+                        center=center)
+    except FileNotFoundError:
+        raise QueryError(f"{path}: query file not found") from None
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+        raise QueryError(f"{path}: not a dfield query file ({type(e).__name__}: {e})") from None

@@ -1,0 +1,189 @@
+"""The viewer without a browser: camera conversion, progressive rendering, the session's queries and edits, and
+what it saves (an edit spec `dfield edit` repeats, query files, PLY, PNG); `dfield info`."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from dfield.app.cli import main
+from dfield.core.rays import camera_image_rays
+from dfield.edit.spec import parse_spec
+from dfield.errors import EditError, QueryError
+from dfield.io.summary import format_summary, run_summary
+from dfield.query.sets import QuerySet, load_query_set, save_query_set
+from dfield.view.camera import ViewCamera, look_at_point, matrix_to_quat, quat_to_matrix, scene_up, view_of
+from dfield.view.frames import Cancelled, compose
+from dfield.view.progressive import ProgressiveRenderer
+from dfield.view.session import ViewerSession
+
+
+@pytest.fixture
+def run(feature_run, tmp_path, monkeypatch, teacher_cache):
+    monkeypatch.setenv("DFIELD_CACHE_DIR", str(teacher_cache))
+    dst = tmp_path / "run"
+    shutil.copytree(feature_run, dst)
+    return dst
+
+
+def test_quaternion_round_trip():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        q = rng.normal(size=4)
+        q /= np.linalg.norm(q)
+        q = q if q[0] >= 0 else -q
+        r = quat_to_matrix(q)
+        assert np.allclose(r @ r.T, np.eye(3), atol=1e-9) and np.isclose(np.linalg.det(r), 1)
+        assert np.allclose(matrix_to_quat(r), q, atol=1e-9)
+    for r in (np.diag([1.0, -1, -1]), np.diag([-1.0, 1, -1]), np.diag([-1.0, -1, 1])):  # 180-degree turns (trace -1)
+        assert np.allclose(quat_to_matrix(matrix_to_quat(r)), r, atol=1e-9)
+
+
+def test_view_of_a_dataset_camera_casts_its_rays(tiny_scene):
+    from dfield.data.load import load_dataset
+
+    cams = load_dataset(tiny_scene, "train").cameras
+    view = view_of(cams, 3)
+    mine = view.cameras(cams.width)
+    assert (mine.width, mine.height) == (cams.width, cams.height)
+    a, b = camera_image_rays(cams, 3), camera_image_rays(mine, 0)
+    assert torch.allclose(a.origins, b.origins, atol=1e-5)
+    assert torch.allclose(a.directions, b.directions, atol=1e-4)
+    # A wider canvas sees more to the sides, the same vertically.
+    wide = ViewCamera(view.position, view.wxyz, view.fov_y, 2.0).cameras(40)
+    assert (wide.width, wide.height) == (40, 20) and math.isclose(float(wide.fy[0]), float(mine.fy[0]), rel_tol=1e-4)
+    assert np.allclose(scene_up(cams), [0, 0, 1], atol=0.3)  # generated scenes are z-up
+    assert np.linalg.norm(look_at_point(cams) - np.array([0, 0, 0.3])) < 0.05  # where the generator aims
+
+
+def test_progressive_renderer_refines_and_drops_stale_frames():
+    started, shown = threading.Event(), []
+    views = [ViewCamera((float(i), 0, 0), (1, 0, 0, 0), 1.0, 1.0) for i in range(3)]
+
+    def render(view, side, cancelled):
+        if view is views[0] and side == 64:
+            started.set()
+            for _ in range(400):  # a slow coarse frame: it must notice the newer camera and give up
+                if cancelled():
+                    raise Cancelled
+                time.sleep(0.005)
+        return (view, side)
+
+    r = ProgressiveRenderer(render, lambda f, level: shown.append(f), levels=(64, 256))
+    r.request(views[0])
+    assert started.wait(5)
+    r.request(views[1])
+    assert r.wait_idle(10)
+    r.stop()
+    assert shown == [(views[1], 64), (views[1], 256)]  # nothing of the stale camera reached the screen
+
+
+def test_session_click_query_and_edit_round_trip(run, tmp_path):
+    s = ViewerSession(run)
+    view = s.home(1.0)
+    f = s.render(view, 40)
+    assert f.size == (40, 40) and f.feature is not None
+    for mode in ("rgb", "depth", "features", "clusters", "overlay", "relevance"):
+        img = s.image(f, mode)
+        assert img.shape == (40, 40, 3) and img.dtype == np.uint8
+    with pytest.raises(QueryError, match="empty space"):
+        ys, xs = torch.nonzero(f.acc < 0.05, as_tuple=True)
+        s.click(f, ((xs[0] + 0.5) / 40, (ys[0] + 0.5) / 40))
+    ys, xs = torch.nonzero(f.acc >= f.acc.max() * 0.98, as_tuple=True)
+    assert f.acc.max() > 0.5
+    k = len(ys) // 2
+    before = s.image(f, "overlay")
+    p = s.click(f, ((xs[k] + 0.5) / 40, (ys[k] + 0.5) / 40))
+    assert p.point is not None and len(p.point) == 3
+    prob = s.probability(f)
+    assert prob[ys[k], xs[k]] > 0.5  # the clicked pixel itself is selected
+    assert 0 < s.selected_fraction(f) < 1
+    assert (s.image(f, "overlay") != before).any()
+
+    acc0 = float(f.acc.sum())
+    item = s.apply_edit("delete")
+    assert item["select"]["query"].startswith("queries/") and item["select"]["seeds"]
+    assert not s.query.prompts  # a new edit needs a new selection
+    with pytest.raises(EditError, match="select something"):
+        s.apply_edit("delete")
+    f2 = s.render(view, 40)
+    assert float(f2.acc.sum()) < acc0 - 1  # something is gone
+    spec = s.save_spec()
+    s.undo_edit()
+    assert torch.allclose(s.render(view, 40).acc, f.acc, atol=1e-5)
+
+    # The saved spec is an ordinary edit spec: `dfield edit` repeats the viewer's edit.
+    out = tmp_path / "edit_out"
+    assert main(["edit", str(run), "--spec", str(spec), "--out", str(out), "--no-video"]) == 0
+    summary = json.loads((out / "edit.json").read_text())
+    assert summary["edits"] == ["delete"] and summary["locality_max_abs_diff"] == 0.0
+
+
+def test_session_box_cluster_and_saves(run):
+    s = ViewerSession(run)
+    f = s.render(s.home(1.0), 40)
+    with pytest.raises(QueryError, match="empty space"):
+        s.box(f, (0.0, 0.0), (0.02, 0.02))  # a corner of sky
+    p = s.box(f, (0.3, 0.3), (0.7, 0.7))
+    assert p.label.startswith("box")
+    png = s.save_image(f, "overlay")
+    assert png.is_file()
+    ply, n = s.save_selection_ply()
+    assert n > 0 and ply.read_bytes().startswith(b"ply")
+    s.clear_query()
+    ids = s.cluster_ids(f)
+    assert ((ids >= 0) == (f.acc > 0.5)).all()
+    ys, xs = torch.nonzero(ids >= 0, as_tuple=True)
+    c = s.pick_cluster(f, ((xs[0] + 0.5) / 40, (ys[0] + 0.5) / 40))
+    assert c.label == f"cluster {int(ids[ys[0], xs[0]])}"
+    # A cluster's own mean scores its members above the rest.
+    p = s.probability(f)
+    member = ids == ids[ys[0], xs[0]]
+    assert p[member].mean() > p[~member & (ids >= 0)].mean()
+    with pytest.raises(QueryError, match="text encoder"):
+        s.text(["a chair"])  # the synthetic teacher has none
+
+
+def test_query_files_round_trip_and_bad_files(tmp_path):
+    q = QuerySet(torch.randn(2, 5), torch.randn(3, 5), temperature=0.2, center=torch.randn(5))
+    back = load_query_set(save_query_set(tmp_path / "q.json", q))
+    x = torch.randn(7, 5)
+    assert torch.allclose(back.probability(x), q.probability(x))
+    (tmp_path / "bad.json").write_text('{"negatives": []}')
+    with pytest.raises(QueryError, match="bad.json: not a dfield query file"):
+        load_query_set(tmp_path / "bad.json")
+    with pytest.raises(EditError, match="query file .* not found"):
+        parse_spec({"edits": [{"op": "delete", "select": {"query": "missing.json"}}]}, tmp_path)
+    with pytest.raises(EditError, match="exactly one of"):
+        parse_spec({"edits": [{"op": "delete", "select": {"query": "q.json", "click": [0, 1, 1]}}]}, tmp_path)
+
+
+def test_compose_overlay_tints_only_selected_opaque_pixels(run):
+    s = ViewerSession(run)
+    f = s.render(s.home(1.0), 24)
+    p = torch.zeros(24, 24)
+    p[:, :12] = 1.0
+    img = compose(f, "overlay", probability=p, threshold=0.5)
+    rgb = compose(f, "rgb")
+    opaque = (f.acc > 0.5).numpy()
+    changed = (img != rgb).any(-1)
+    assert not changed[:, 12:].any() and not changed[~opaque].any()
+    assert changed[:, :12][opaque[:, :12]].mean() > 0.9
+
+
+def test_info_describes_a_run(run, capsys):
+    s = run_summary(run)
+    assert s["teacher"] == "synthetic" and s["checkpoint"]["step"] == 60 and s["data"]["train_views"] == 8
+    text = format_summary(s)
+    assert "synthetic" in text and "step 60" in text
+    assert main(["info", str(run)]) == 0
+    assert "features   synthetic" in capsys.readouterr().err
+    assert main(["info", str(run / "checkpoints")]) == 2
+    assert "not a dfield run folder" in capsys.readouterr().err
