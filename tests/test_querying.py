@@ -82,6 +82,8 @@ def test_new_weights_invalidate_the_disk_cache(fresh_run):
     (QuerySpec(text=["  "]), "empty text"),
     (QuerySpec(click=(0, 3, 3), threshold=1.5), "threshold"),
     (QuerySpec(click=(0, 3, 3), negatives="everything"), "negatives must be"),
+    (QuerySpec(cluster=24), "cluster 24 is out of range: the scene is split into 24 clusters"),
+    (QuerySpec(cluster=-1), "out of range"),
 ])
 def test_bad_queries_are_clear_errors(feature_run, spec, message):
     with pytest.raises(QueryError, match=message):
@@ -234,3 +236,30 @@ def test_cli_query(fresh_run, tmp_path, capsys):
         assert main(["query", str(fresh_run), *bad, "--out", str(tmp_path / "bad")]) == 2
         assert not (tmp_path / "bad").exists()
     assert "dfield: error:" in capsys.readouterr().err
+
+
+def test_cluster_query_selects_its_cluster_and_writes_maps(fresh_run, tmp_path):
+    import json
+
+    from PIL import Image
+
+    out = tmp_path / "c"
+    assert main(["query", str(fresh_run), "--cluster", "2", "--clusters", "6", "--path", "train", "--out", str(out),
+                 "--no-ply"]) == 0
+    legend = json.loads((out / "clusters.json").read_text())
+    assert legend["chosen"] == 2 and len(legend["clusters"]) <= 6
+    assert abs(sum(c["share"] for c in legend["clusters"]) - 1) < 1e-6
+    maps = sorted(out.glob("clusters_*.png"))
+    assert len(maps) == 8
+    # The selection is (mostly) the chosen cluster's pixels: their colour in the maps.
+    colour = np.array(legend["clusters"][2]["rgb"])
+    inside = outside = 0
+    for m in maps:
+        img = np.asarray(Image.open(m).convert("RGB")).astype(int)
+        mask = np.asarray(Image.open(out / m.name.replace("clusters_", "mask_"))) > 127
+        is_c = np.abs(img - colour).max(-1) <= 2
+        inside += (mask & is_c).sum()
+        outside += (mask & ~is_c & (img.min(-1) < 250)).sum()
+    assert inside > 0 and inside > outside
+    assert main(["query", str(fresh_run), "--cluster", "7", "--clusters", "6", "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()

@@ -187,3 +187,34 @@ def test_info_describes_a_run(run, capsys):
     assert "features   synthetic" in capsys.readouterr().err
     assert main(["info", str(run / "checkpoints")]) == 2
     assert "not a dfield run folder" in capsys.readouterr().err
+
+
+def test_live_view_snapshots_only_while_watched(tiny_scene, tiny_train_config, tmp_path):
+    from dfield.training.trainer import Trainer
+    from dfield.view.live import LiveView, live_session
+
+    trainer = Trainer.create(tiny_train_config(tiny_scene, iterations=30), tmp_path / "live")
+    session = live_session(trainer)  # before the first checkpoint: no run to open yet
+    assert session.run.step == 0
+
+    class Watcher:  # the part of a Viewer the hook uses
+        def __init__(self):
+            self.session, self.clients, self.refreshes = session, {}, 0
+
+        def refresh(self, rerender=False):
+            self.refreshes += 1
+
+    viewer = Watcher()
+    hook = LiveView(viewer, every=0.0)
+    trainer.train(hooks=[hook])
+    assert hook.snapshots == 0 and session.run.step == 0  # nobody watching: no copies, no renders
+    viewer.clients = {1: object()}
+    trainer.cfg.iterations = 40
+    trainer.train(hooks=[hook])
+    assert hook.snapshots == 10 and viewer.refreshes == 10 and session.run.step == 40
+    assert session.model is not trainer.model  # a copy: training goes on while it renders
+    a = session.render(session.home(1.0), 16).rgb
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(1.0)
+    assert torch.equal(session.render(session.home(1.0), 16).rgb, a)

@@ -31,6 +31,7 @@ from dfield.query.outputs import run_query
 from dfield.query.spec import QuerySpec
 from dfield.training.evaluate import evaluate_run
 from dfield.training.trainer import Trainer
+from dfield.view.live import LiveView, live_session
 from dfield.view.server import Viewer
 
 console = Console(stderr=True)
@@ -40,8 +41,9 @@ console = Console(stderr=True)
 
 
 def train(cfg: TrainConfig, out: Path, resume: bool = False, overwrite: bool = False, evaluate: bool = True,
-          progress: bool = True) -> Path:
-    """`dfield train`: fit a new run in `out` from `cfg` (or continue it with `resume`), then evaluate it."""
+          progress: bool = True, view: bool = False, view_port: int = 8080, view_host: str = "127.0.0.1") -> Path:
+    """`dfield train`: fit a new run in `out` from `cfg` (or continue it with `resume`), then evaluate it. With
+    `view`, the browser viewer shows the field as it trains and stays open afterwards until Ctrl-C."""
     out = Path(out)
 
     def start(bars: ProgressBars) -> Trainer:
@@ -56,7 +58,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, overwrite: bool = F
             load_eval_data(cfg)  # a broken test split must fail now, not after training
         return Trainer.create(cfg, out, overwrite=overwrite, progress=bars)
 
-    return _fit(start, evaluate, progress)
+    return _fit(start, evaluate, progress, (view_host, view_port) if view else None)
 
 
 def resume(run: Path, iterations: int | None = None, evaluate: bool = True, progress: bool = True) -> Path:
@@ -64,10 +66,17 @@ def resume(run: Path, iterations: int | None = None, evaluate: bool = True, prog
     return _fit(lambda bars: Trainer.resume(run, iterations=iterations, progress=bars), evaluate, progress)
 
 
-def _fit(start, run_eval: bool, progress: bool) -> Path:
-    """Make the trainer with `start(bars)` (teacher maps may be computed there), train with bars, then evaluate."""
+def _fit(start, run_eval: bool, progress: bool, view: tuple[str, int] | None = None) -> Path:
+    """Make the trainer with `start(bars)` (teacher maps may be computed there), train with bars (and a live viewer
+    on `view` = (host, port)), then evaluate."""
+    viewer, hooks = None, []
     with ProgressBars(progress, console) as bars:
         trainer = start(bars)
+        if view is not None:
+            viewer = Viewer([live_session(trainer)], host=view[0], port=view[1], device=trainer.cfg.device,
+                            verbose=False)
+            hooks.append(LiveView(viewer))
+            console.print(f"viewer on [bold]{viewer.url}[/bold]: the field as it trains", highlight=False)
         cfg = trainer.cfg
         if trainer.step > 0:
             console.print(f"resuming {trainer.run_dir} at step {trainer.step} ({trainer.seconds:.0f} s trained)")
@@ -77,11 +86,16 @@ def _fit(start, run_eval: bool, progress: bool) -> Path:
                           "the refined field")
         console.print(f"training {cfg.model} on {len(trainer.data)} views of {trainer.data.width}x"
                       f"{trainer.data.height} ({cfg.data.path}) -> {trainer.run_dir}")
-        trainer.train(progress=bars)
+        trainer.train(hooks=hooks, progress=bars)
     console.print(f"trained {trainer.step} steps in {trainer.seconds:.1f} s; last batch PSNR "
                   f"{trainer.last.get('psnr', float('nan')):.2f} dB")
     if run_eval:
         evaluate(trainer.run_dir, device=cfg.device)
+    if viewer is not None:
+        viewer.session.set_model(open_run(trainer.run_dir, cfg.device).model, trainer.step)
+        viewer.refresh(rerender=True)
+        console.print(f"training done; the viewer stays on {viewer.url} (Ctrl-C to exit)", highlight=False)
+        viewer.wait()
     return trainer.run_dir
 
 

@@ -23,7 +23,8 @@ Flat = tyro.conf.arg(name="")
 
 @app.command
 def train(cfg: Annotated[TrainConfig, Flat], out: Path = Path("runs/latest"), resume: bool = False,
-          overwrite: bool = False, eval: bool = True) -> None:
+          overwrite: bool = False, eval: bool = True, view: bool = False, view_port: int = 8080,
+          view_host: str = "127.0.0.1") -> None:
     """Fit a radiance field to posed images. Example: dfield train data/lego --downscale 4 --out runs/lego
 
     Args:
@@ -31,8 +32,13 @@ def train(cfg: Annotated[TrainConfig, Flat], out: Path = Path("runs/latest"), re
         resume: Continue the run in --out from its last checkpoint (its saved config wins).
         overwrite: Start over in an existing run folder.
         eval: Evaluate on the test split when training ends.
+        view: Show the field in the browser viewer as it trains (http://VIEW_HOST:VIEW_PORT); it stays open after
+            training until Ctrl-C.
+        view_port: Port of the viewer.
+        view_host: Address the viewer binds to (127.0.0.1: this machine only).
     """
-    api.train(cfg, out, resume=resume, overwrite=overwrite, evaluate=eval)
+    api.train(cfg, out, resume=resume, overwrite=overwrite, evaluate=eval, view=view, view_port=view_port,
+              view_host=view_host)
 
 
 @app.command
@@ -91,7 +97,7 @@ def demo(out: Path = Path("demo_out"), seed: int = 0, iterations: int | None = N
 
 @app.command
 def query(run: tyro.conf.Positional[Path], text: tuple[str, ...] = (), patch: tuple[int, int, int, int, int] | None = None,
-          click: tuple[int, int, int] | None = None, negatives: tuple[str, ...] | None = None, threshold: float = 0.5,
+          click: tuple[int, int, int] | None = None, cluster: int | None = None, clusters: int = 24, negatives: tuple[str, ...] | None = None, threshold: float = 0.5,
           temperature: float = 0.1, path: Literal["test", "train", "orbit"] = "test", out: Path | None = None,
           ply: bool = True, eval_objects: bool = False, frames: int = 48,
           patch_source: Literal["field", "teacher"] = "field") -> None:
@@ -103,6 +109,9 @@ def query(run: tyro.conf.Positional[Path], text: tuple[str, ...] = (), patch: tu
         text: Positive texts (needs a text-aligned teacher such as clip).
         patch: VIEW X0 Y0 X1 Y1: a box in pixels of training view VIEW.
         click: VIEW X Y: one pixel of training view VIEW.
+        cluster: K: select the K-th cluster of the scene's features (writes clusters_VVV.png maps and clusters.json
+            with each cluster's colour, to find the K you want; the viewer picks clusters by clicking).
+        clusters: How many clusters the scene's features are split into (automatic negatives and --cluster).
         negatives: auto (clusters of the scene's features unlike the query; the default for boxes and clicks) or
             texts (the default for text queries: object things stuff texture).
         threshold: Probability above which a pixel is selected.
@@ -115,7 +124,7 @@ def query(run: tyro.conf.Positional[Path], text: tuple[str, ...] = (), patch: tu
         patch_source: Where the box's embedding comes from: the field's rendering or the teacher's own map.
     """
     neg = "auto" if negatives == ("auto",) else (list(negatives) if negatives is not None else None)
-    spec = QuerySpec(text=list(text), patch=patch, click=click, negatives=neg, threshold=threshold,
+    spec = QuerySpec(text=list(text), patch=patch, click=click, cluster=cluster, clusters=clusters, negatives=neg, threshold=threshold,
                      temperature=temperature, patch_source=patch_source)
     api.query(run, spec, path=path, out=out, ply=ply, eval_objects=eval_objects, frames=frames)
 

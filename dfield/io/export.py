@@ -6,6 +6,7 @@ half-written file.
 
 from __future__ import annotations
 
+import colorsys
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -79,6 +80,12 @@ def turbo(x) -> np.ndarray:
     v4 = np.concatenate([np.ones_like(x), x, x**2, x**3], -1)
     v2 = np.concatenate([x**4, x**5], -1)
     return np.clip(v4 @ _TURBO4.T + v2 @ _TURBO2.T, 0.0, 1.0)
+
+
+def cluster_palette(k: int) -> np.ndarray:
+    """(k, 3) distinct colours in [0, 1] for cluster maps: hues spaced by the golden angle, so clusters with
+    neighbouring indices never look alike."""
+    return np.array([colorsys.hsv_to_rgb((j * 0.618033988749895) % 1.0, 0.75, 0.95) for j in range(k)]).reshape(k, 3)
 
 
 def colorize_depth(depth, acc=None, near=None, far=None) -> np.ndarray:

@@ -86,14 +86,21 @@ def make_query(run, spec: QuerySpec) -> QuerySet:
     if spec.click is not None:
         v, x, y = spec.click
         positives.append(field_click_embedding(ctx, v, (x, y))[None])
+    views = auto_view_ids(len(cams), spec.auto_views, query_views(spec))
+    scene = lambda: ctx.clusters(("field", *views), spec.clusters, lambda: field_feature_sample(ctx, views))  # noqa: E731
+    if spec.cluster is not None:
+        means = scene()[1]
+        if spec.cluster >= len(means):
+            raise QueryError(f"cluster {spec.cluster} is empty: only {len(means)} of the {spec.clusters} clusters hold "
+                             f"features (0..{len(means) - 1})")
+        positives.append(means[spec.cluster][None])
     pos = torch.cat(positives)
     negatives = spec.negatives
     if negatives is None:
-        negatives = "auto" if spec.patch is not None or spec.click is not None else list(TEXT_NEGATIVES)
+        negatives = "auto" if spec.patch is not None or spec.click is not None or spec.cluster is not None \
+            else list(TEXT_NEGATIVES)
     if negatives == "auto":
-        views = auto_view_ids(len(cams), spec.auto_views, query_views(spec))
-        return contrast_query(pos, ctx.clusters(("field", *views), spec.clusters,
-                                                lambda: field_feature_sample(ctx, views)), spec)
+        return contrast_query(pos, scene(), spec)
     texts = [str(t) for t in negatives if str(t).strip()]
     neg = encode_texts(ctx.teacher, texts) if texts else torch.zeros(0, pos.shape[1])
     return QuerySet(pos, neg, temperature=spec.temperature)

@@ -64,6 +64,14 @@ def scene_clusters(sample: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     return means.mean(0), means
 
 
+def nearest_cluster(features: torch.Tensor, clusters: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """(...) index of each (..., D) feature's most similar cluster mean, by cosine measured from the scene's centre
+    (the same similarity the clusters were made with)."""
+    center, means = clusters
+    f = F.normalize(features.float() - center, dim=-1)
+    return (f @ F.normalize(means - center, dim=-1).T).argmax(-1)
+
+
 def contrast_query(positives: torch.Tensor, clusters: tuple[torch.Tensor, torch.Tensor], spec: QuerySpec) -> QuerySet:
     """Automatic negatives: the scene's feature clusters unlike the positives, all measured from the scene's centre."""
     center, means = clusters

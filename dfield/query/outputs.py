@@ -10,18 +10,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.ndimage import binary_erosion
 
 from dfield.core.camera_paths import orbit_path
 from dfield.core.rays import camera_image_rays, ndc_to_world
 from dfield.data.dataset import Cameras
 from dfield.errors import QueryError
 from dfield.io.atomic import atomic_write_text
-from dfield.io.export import save_ply, save_png, turbo
-from dfield.query.builder import make_query
+from dfield.io.export import cluster_palette, save_ply, save_png, turbo
+from dfield.query.builder import field_feature_sample, make_query
+from dfield.query.clusters import auto_view_ids, nearest_cluster
 from dfield.query.context import QueryContext, context
 from dfield.query.evaluation import TUNABLE, query_iou_per_object
 from dfield.query.relevance import Relevance, relevance
-from dfield.query.spec import OPAQUE, QuerySpec, validate
+from dfield.query.spec import OPAQUE, QuerySpec, query_views, validate
 
 
 def heatmap_image(rel: Relevance) -> np.ndarray:
@@ -78,6 +80,29 @@ def query_cameras(ctx: QueryContext, path: str, frames: int = 48) -> Cameras:
     raise QueryError(f"unknown camera path {path!r}: expected test, train or orbit")
 
 
+def cluster_maps(ctx: QueryContext, spec: QuerySpec, rels: list[Relevance], out: Path) -> list[Path]:
+    """clusters_VVV.png per view: every opaque pixel in the colour of its nearest scene cluster, the chosen cluster
+    (`spec.cluster`) outlined in white; clusters.json lists each cluster's colour (RGB 0-255) and pixel share."""
+    views = auto_view_ids(len(ctx.train_cameras), spec.auto_views, query_views(spec))
+    clusters = ctx.clusters(("field", *views), spec.clusters, lambda: field_feature_sample(ctx, views))
+    palette = cluster_palette(len(clusters[1]))
+    files, counts = [], np.zeros(len(palette))
+    for r in rels:
+        opaque = (r.rendered.acc > OPAQUE).numpy()
+        ids = nearest_cluster(ctx.decode(r.rendered.feature), clusters).numpy()
+        counts += np.bincount(ids[opaque], minlength=len(palette))
+        img = np.where(opaque[..., None], palette[ids], 1.0)
+        chosen = (ids == spec.cluster) & opaque
+        edge = chosen & ~binary_erosion(chosen)
+        img[edge] = 1.0
+        files.append(save_png(out / f"clusters_{r.view:03d}.png", img))
+    legend = [{"cluster": j, "rgb": [round(255 * c) for c in palette[j]], "share": counts[j] / max(counts.sum(), 1)}
+              for j in range(len(palette))]
+    files.append(atomic_write_text(out / "clusters.json", json.dumps({"chosen": spec.cluster, "clusters": legend},
+                                                                      indent=1), durable=False))
+    return files
+
+
 def run_query(run: Path, spec: QuerySpec, path: str = "test", out: Path | None = None, ply: bool = True,
               eval_objects: bool = False, frames: int = 48) -> dict:
     """What `dfield query` does: relevance on every view of `path` (test, train or orbit), written to `out`
@@ -109,6 +134,8 @@ def run_query(run: Path, spec: QuerySpec, path: str = "test", out: Path | None =
         files.append(save_png(out / f"heatmap_{r.view:03d}.png", heatmap_image(r)))
         files.append(save_png(out / f"overlay_{r.view:03d}.png", overlay_image(r)))
         files.append(save_png(out / f"mask_{r.view:03d}.png", r.mask.numpy().astype(np.uint8) * 255))
+    if spec.cluster is not None:
+        files += cluster_maps(ctx, spec, rels, out)
     points = None
     if ply:
         pts, cols = selection_points(rels, cameras, ctx.ndc)

@@ -24,6 +24,9 @@ class QuerySpec:
     """(view, x0, y0, x1, y1): a box in pixels of training view `view`; the positive is its mean feature."""
     click: tuple[int, int, int] | None = None
     """(view, x, y): the feature under one pixel of training view `view`."""
+    cluster: int | None = None
+    """K: the K-th of the scene's feature clusters (k-means of the field's features, `clusters` of them) is the
+    positive: the DFF paper's cluster selection. `dfield query --cluster K` also writes the cluster maps."""
     negatives: list[str] | str | None = None
     """Texts, or "auto" (clusters of the scene's features far from the positives). None: "auto" for patch and
     click queries, LERF's canonical phrases for text-only queries."""
@@ -50,9 +53,12 @@ def check_view(i: int, n: int) -> None:
 
 def validate(spec: QuerySpec, n_views: int, width: int, height: int) -> None:
     """Every check that needs no rendering, so bad input fails before any work is done."""
-    if not (spec.text or spec.patch is not None or spec.click is not None):
-        raise QueryError("empty query: give a text (--text), a patch (--patch VIEW X0 Y0 X1 Y1) "
-                         "or a click (--click VIEW X Y)")
+    if not (spec.text or spec.patch is not None or spec.click is not None or spec.cluster is not None):
+        raise QueryError("empty query: give a text (--text), a patch (--patch VIEW X0 Y0 X1 Y1), "
+                         "a click (--click VIEW X Y) or a cluster (--cluster K)")
+    if spec.cluster is not None and not (isinstance(spec.cluster, (int, np.integer)) and 0 <= spec.cluster < spec.clusters):
+        raise QueryError(f"cluster {spec.cluster} is out of range: the scene is split into {spec.clusters} clusters "
+                         f"(0..{spec.clusters - 1}; --clusters N to change)")
     if any(not str(t).strip() for t in spec.text):
         raise QueryError("empty text in the query")
     if spec.patch is not None:

@@ -4,7 +4,6 @@ feature clusters) without rendering again."""
 
 from __future__ import annotations
 
-import colorsys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ import torch
 
 from dfield.core.rays import camera_image_rays
 from dfield.data.dataset import Cameras
-from dfield.io.export import colorize_depth, turbo
+from dfield.io.export import cluster_palette, colorize_depth, turbo
 from dfield.query.spec import OPAQUE
 from dfield.view.camera import ViewCamera
 
@@ -104,8 +103,3 @@ def compose(frame: Frame, mode: str, probability: torch.Tensor | None = None, th
     else:
         img = rgb
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
-
-
-def cluster_palette(k: int) -> np.ndarray:
-    """(k, 3) distinct colours in [0, 1]: hues spaced by the golden angle, so clusters with near indices differ."""
-    return np.array([colorsys.hsv_to_rgb((j * 0.618033988749895) % 1.0, 0.75, 0.95) for j in range(k)]).reshape(k, 3)

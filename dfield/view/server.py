@@ -49,15 +49,16 @@ class _Client:
 
 
 class Viewer:
-    """A viser server showing one or more runs (a dropdown switches between them, the camera stays): render modes,
-    click/box/text queries, clusters, edits and saving. Binds to 127.0.0.1 unless `host` says otherwise."""
+    """A viser server showing one or more runs (folders or ViewerSessions; a dropdown switches between them, the
+    camera stays): render modes, click/box/text queries, clusters, edits and saving. Binds to 127.0.0.1 unless
+    `host` says otherwise."""
 
     def __init__(self, runs, host: str = "127.0.0.1", port: int = 8080, levels: tuple[int, ...] = (64, 256),
                  device: str = "cpu", verbose: bool = True):
         viser = _viser()
         if not runs:
             raise RunError("dfield view needs at least one run folder")
-        self.sessions = [ViewerSession(Path(r), device) for r in runs]
+        self.sessions = [r if isinstance(r, ViewerSession) else ViewerSession(Path(r), device) for r in runs]
         self.active = 0
         self.levels = tuple(levels)
         self.mode = "rgb"

@@ -32,7 +32,7 @@ from dfield.io.atomic import atomic_write_text
 from dfield.io.export import save_mesh_ply, save_ply, save_png
 from dfield.io.run import open_run
 from dfield.query.builder import encode_texts
-from dfield.query.clusters import auto_view_ids, far_clusters, scene_clusters, subsample
+from dfield.query.clusters import auto_view_ids, far_clusters, nearest_cluster, scene_clusters, subsample
 from dfield.query.context import QueryContext
 from dfield.query.outputs import selection_points
 from dfield.query.relevance import view_relevance
@@ -119,6 +119,17 @@ class ViewerSession:
         return render_frame(model, view, max_side, features=self.has_features, ndc=self.ndc, cancelled=cancelled,
                             device=self.device)
 
+    def set_model(self, model, step: int) -> None:
+        """Show other weights of the same run (a training snapshot): the edits are rebuilt on them, and the scene's
+        clusters, PCA and query context are recomputed when next needed (prompts keep their embeddings)."""
+        with self.lock:
+            self.run.model, self.run.step = model, step
+            self._ctx, self._sample, self._clusters, self._pca, self._decoded = None, None, None, None, None
+            if not self.edits:
+                self.model = model
+        if self.edits:
+            self._rebuild(self.edits)
+
     # ------------------------------------------------------------------------------------------ features
     @property
     def ctx(self) -> QueryContext:
@@ -174,10 +185,7 @@ class ViewerSession:
 
     def cluster_ids(self, frame: Frame) -> torch.Tensor:
         """(H, W) index of each pixel's nearest scene cluster (cosine from the scene's centre), -1 where empty."""
-        center, means = self.clusters()
-        f = torch.nn.functional.normalize(self.decoded(frame) - center, dim=-1)
-        m = torch.nn.functional.normalize(means - center, dim=-1)
-        ids = (f @ m.T).argmax(-1)
+        ids = nearest_cluster(self.decoded(frame), self.clusters())
         return torch.where(frame.acc > OPAQUE, ids, torch.full_like(ids, -1))
 
     # ------------------------------------------------------------------------------------------ queries
