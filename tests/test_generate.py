@@ -107,3 +107,16 @@ def test_rejects_bad_spec(tmp_path):
         generate_scene(tmp_path, SceneSpec(n_objects=0))
     with pytest.raises(ValueError):
         generate_scene(tmp_path, SceneSpec(n_objects=10))
+    with pytest.raises(ValueError, match="shared_colors"):
+        generate_scene(tmp_path, SceneSpec(n_objects=3, shared_colors=3))
+
+
+def test_shared_colors_give_objects_one_colour_and_keep_the_layout(tmp_path):
+    spec = SceneSpec(seed=1, n_train=1, n_test=1, width=16, height=16)
+    plain = _objects(generate_scene(tmp_path / "a", spec))
+    shared = _objects(generate_scene(tmp_path / "b", replace(spec, shared_colors=1)))
+    assert shared[1]["color"] == shared[2]["color"] != shared[3]["color"]
+    assert shared[1]["shape"] != shared[2]["shape"]
+    assert [o.get("bbox") for o in shared] == [o.get("bbox") for o in plain]  # only the colour changed
+    assert [o.get("center") for o in shared] == [o.get("center") for o in plain]
+    assert len({o["name"] for o in shared}) == len(shared)

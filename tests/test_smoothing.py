@@ -276,3 +276,15 @@ def test_distill_with_bilateral_targets_and_patches(tiny_scene, tiny_train_confi
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["features"]["smooth"] == "bilateral:sigma_space=1" and cfg["features"]["patch"] == 4
     shutil.rmtree(run)
+
+
+def test_felzenszwalb_lightness_lets_shaded_faces_of_one_colour_merge():
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[:, :16] = (240, 200, 20)   # a lit yellow face
+    img[:, 16:] = (120, 100, 10)   # the same yellow in shadow
+    img[24:, :] = (30, 60, 200)    # something blue below
+    plain = make_segmenter("felzenszwalb:min_area=1").segment(SegmentInputs(img))
+    shaded = make_segmenter("felzenszwalb:min_area=1,lightness=0.2").segment(SegmentInputs(img))
+    assert plain[0, 0] != plain[0, 31]  # lightness counts fully: two regions
+    assert shaded[0, 0] == shaded[0, 31]  # hue alike, lightness down-weighted: one face
+    assert shaded[0, 0] != shaded[31, 0]  # another colour stays apart

@@ -72,6 +72,7 @@ class SceneSpec:
     width: int = 100
     height: int = 100
     n_objects: int = 5  # 1..9 (one per palette colour)
+    shared_colors: int = 0  # this many objects after the first take its colour (same colour, another shape)
     supersample: int = 2  # sub-samples per pixel side, for antialiasing RGB and alpha
     camera_angle_x: float = 0.6911112  # lego's horizontal field of view, radians
     radius_min: float = 3.5  # camera distance from the look-at point (0, 0, 0.3)
@@ -291,8 +292,9 @@ def _sample_shape(shape, rng, scale):
     return {"major_radius": big, "minor_radius": small}, 2 * small, big + small
 
 
-def _layout(n, rng):
+def _layout(n, rng, shared: int = 0):
     colors = [str(c) for c in rng.permutation(list(PALETTE))[:n]]
+    colors[1:1 + shared] = [colors[0]] * len(colors[1:1 + shared])
     shapes = [str(s) for s in rng.permutation(SHAPES)][:n]
     shapes += [str(s) for s in rng.choice(SHAPES, n - len(shapes))]
     scale = 1.0
@@ -426,7 +428,9 @@ def generate_scene(out_dir, spec: SceneSpec | None = None) -> Path:
         raise ValueError(f"bad scene spec: {spec}")
     out = Path(out_dir)
     rng = np.random.default_rng(spec.seed)
-    objects = _layout(spec.n_objects, rng)
+    if not 0 <= spec.shared_colors < spec.n_objects:
+        raise ValueError(f"shared_colors must be 0..n_objects-1 ({spec.n_objects - 1}), got {spec.shared_colors}")
+    objects = _layout(spec.n_objects, rng, spec.shared_colors)
     azimuth, elevation = rng.uniform(0, 2 * math.pi), rng.uniform(math.radians(40), math.radians(60))
     light = np.array([math.cos(elevation) * math.cos(azimuth), math.cos(elevation) * math.sin(azimuth),
                       math.sin(elevation)])

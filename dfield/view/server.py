@@ -99,7 +99,7 @@ class Viewer:
     def _connect(self, client) -> None:
         state = _Client(client, None)
         state.renderer = ProgressiveRenderer(
-            lambda v, side, cancelled: self.session.render(v, side, cancelled),
+            lambda v, side, cancelled: self.session.render(v, side, cancelled, features=self._features_at(side)),
             lambda f, level: self._show(state, f, level), self.levels, on_error=self._error)
         with self._lock:
             self.clients[client.client_id] = state
@@ -108,6 +108,11 @@ class Viewer:
             state.renderer.request(self._view(client.camera))
         except AssertionError:  # the browser has not reported its camera yet; on_update will
             pass
+
+    def _features_at(self, side: int) -> bool:
+        # Coarse frames skip the feature branch unless the mode shows features: moving stays fast, and clicks
+        # wait for the full frame, which always has them.
+        return side == self.levels[-1] or self.mode not in ("rgb", "depth")
 
     def _disconnect(self, client) -> None:
         with self._lock:
@@ -128,8 +133,15 @@ class Viewer:
         if state.first_frame_s is None:
             state.first_frame_s = time.perf_counter() - state.connected
 
+    @staticmethod
+    def _current(state: _Client) -> Frame | None:
+        """The best frame of the camera shown now: the full one if it is of this camera, else the coarse one."""
+        if state.frame is None:
+            return None
+        return state.full if state.full is not None and state.full.view == state.frame.view else state.frame
+
     def _draw(self, state: _Client) -> None:
-        frame = state.full if state.full is not None and state.full.view == state.frame.view else state.frame
+        frame = self._current(state)
         img = self.session.image(frame, self.mode)
         state.handle.scene.set_background_image(img, format="jpeg", jpeg_quality=92)
         state.last_image = img
@@ -160,9 +172,11 @@ class Viewer:
     # ------------------------------------------------------------------------------------------ pointer
     def _client_frame(self, client_id: int) -> Frame | None:
         state = self.clients.get(client_id)
-        if state is None:
+        frame = None if state is None else self._current(state)
+        if frame is not None and frame.feature is None and self.session.has_features:
+            self._error(DfieldError("the view is still rendering; click again when it is sharp"), "query")
             return None
-        return state.full or state.frame
+        return frame
 
     def _click(self, event, negative: bool) -> None:
         frame = self._client_frame(event.client_id)
@@ -265,7 +279,7 @@ class Viewer:
         lines = [f"**{s.name}** · step {run.step} · {run.cfg.model}"
                  + (f" · teacher {run.cfg.features.teacher}" if s.has_features else " · no features")]
         for state in list(self.clients.values())[:1]:
-            f = state.full or state.frame
+            f = self._current(state)
             if f is not None:
                 lines.append(f"frame {f.size[0]}x{f.size[1]} in {f.seconds:.2f} s")
                 if s.query.positives and f.feature is not None:
@@ -328,7 +342,7 @@ class Viewer:
                 state = next(iter(self.clients.values()), None)
                 if state is None or state.frame is None:
                     return
-                path = s.save_image(state.full or state.frame, self.mode)
+                path = s.save_image(self._current(state), self.mode)
             elif what == "ply":
                 path, _ = s.save_selection_ply()
             elif what == "mesh":

@@ -112,12 +112,13 @@ class ViewerSession:
         """The point the training cameras look at."""
         return look_at_point(self.train_cameras)
 
-    def render(self, view: ViewCamera, max_side: int, cancelled=lambda: False) -> Frame:
-        """Render `view` with the current model (edits included), features too when the run has them."""
+    def render(self, view: ViewCamera, max_side: int, cancelled=lambda: False, features: bool = True) -> Frame:
+        """Render `view` with the current model (edits included), with features when the run has them and
+        `features` asks for them."""
         with self.lock:
             model = self.model
-        return render_frame(model, view, max_side, features=self.has_features, ndc=self.ndc, cancelled=cancelled,
-                            device=self.device)
+        return render_frame(model, view, max_side, features=features and self.has_features, ndc=self.ndc,
+                            cancelled=cancelled, device=self.device)
 
     def set_model(self, model, step: int) -> None:
         """Show other weights of the same run (a training snapshot): the edits are rebuilt on them, and the scene's

@@ -3,10 +3,11 @@
 Felzenszwalb's graph segmentation (scikit-image) cuts the image into many small, colour-coherent pieces; adjacent
 pieces are then merged greedily, most similar pair first, while their distance
 
-    d(a, b) = sqrt( (|lab_a - lab_b| / colour)^2 + (|z_a - z_b| / (depth * min(z_a, z_b)))^2
+    d(a, b) = sqrt( (|W (lab_a - lab_b)| / colour)^2 + (|z_a - z_b| / (depth * min(z_a, z_b)))^2
                     + ((1 - cos(f_a, f_b)) / feature)^2 )
 
-stays below 1, with lab the mean CIELAB colour, z the mean rendered depth and f the mean teacher feature of a piece
+stays below 1, with lab the mean CIELAB colour (W = diag(lightness, 1, 1); with lightness below 1 the two colour
+axes are taken from the intensity-normalised image, so the lit and shaded faces of one object can merge), z the mean rendered depth and f the mean teacher feature of a piece
 (each cue only where it is given). Depth keeps two same-coloured objects apart when one stands in front of the
 other; teacher features keep them apart when they touch at the same depth.
 """
@@ -35,28 +36,42 @@ class FelzenszwalbSegmenter(Segmenter):
         depth: relative depth difference that counts as one unit.
         feature: cosine distance of mean teacher features that counts as one unit.
         min_area: merged regions smaller than this become 0 (their pixels keep the raw teacher features).
+        lightness: weight of the CIELAB lightness difference against the two colour axes (shading changes
+            lightness far more than hue).
     """
 
     uses_depth = True
     uses_features = True
 
     def __init__(self, scale: float = 100.0, sigma: float = 0.8, min_size: int = 20, colour: float = 10.0,
-                 depth: float = 0.05, feature: float = 0.2, min_area: int = 16):
+                 depth: float = 0.05, feature: float = 0.2, min_area: int = 16, lightness: float = 1.0):
         for key, v in (("scale", scale), ("min_size", min_size), ("colour", colour), ("depth", depth),
-                       ("feature", feature)):
+                       ("feature", feature), ("lightness", lightness)):
             if not v > 0:
                 raise ValueError(f"felzenszwalb: {key} must be positive, got {v}")
         self.scale, self.sigma, self.min_size = float(scale), float(sigma), int(min_size)
         self.colour, self.depth, self.feature, self.min_area = float(colour), float(depth), float(feature), int(min_area)
+        self.lightness = float(lightness)
         self.name = (f"felzenszwalb(scale={self.scale:g},sigma={self.sigma:g},min_size={self.min_size},"
-                     f"colour={self.colour:g},depth={self.depth:g},feature={self.feature:g},min_area={self.min_area})")
+                     f"colour={self.colour:g},depth={self.depth:g},feature={self.feature:g},min_area={self.min_area}"
+                     + (f",lightness={self.lightness:g}" if self.lightness != 1.0 else "") + ")")
+
+    def _colour(self, image: np.ndarray) -> np.ndarray:
+        lab = rgb2lab(image)
+        if self.lightness == 1.0:
+            return lab
+        # Shading scales a surface's RGB: the colour axes come from the intensity-normalised image (the brightest
+        # channel at 1), so only the weighted lightness term sees how lit the surface is.
+        rgb = image.astype(np.float64) / 255.0
+        chroma = rgb2lab(rgb / np.maximum(rgb.max(-1, keepdims=True), 1e-3))
+        return np.concatenate([lab[..., :1] * self.lightness, chroma[..., 1:]], -1)
 
     def segment(self, inputs: SegmentInputs) -> np.ndarray:
         """Felzenszwalb pieces of `inputs.image`, merged with whichever of depth and features `inputs` holds."""
         image = np.asarray(inputs.image)
         pieces = felzenszwalb(image, scale=self.scale, sigma=self.sigma, min_size=self.min_size)
         h, w = pieces.shape
-        cues = [(rgb2lab(image).reshape(h * w, 3), "colour")]
+        cues = [(self._colour(image).reshape(h * w, 3), "colour")]
         if inputs.depth is not None:
             cues.append((np.asarray(inputs.depth, np.float64).reshape(h * w, 1), "depth"))
         if inputs.features is not None:
