@@ -14,7 +14,7 @@ import torch
 
 from dfield.core.profiling import PROFILER
 from dfield.core.rays import Rays
-from dfield.core.sampling import march
+from dfield.core.sampling import OccupancyGrid, first_hit, march, march_window, plan_march
 
 
 def weights_from_density(sigma: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,6 +93,10 @@ class RenderSettings:
     """Samples with a smaller rendering weight skip colour, features and channels."""
     max_samples: int = 1024
     """Most samples per ray."""
+    window: int = 64
+    """Rendering without gradients marches this many steps at a time and stops a ray once less than
+    `stop_transmittance` of its light is left (0: one pass over every step, as in training)."""
+    stop_transmittance: float = 1e-4
 
 
 def render_field(field: Field, rays: Rays, settings: RenderSettings, generator: torch.Generator | None = None,
@@ -125,6 +129,8 @@ def render_field(field: Field, rays: Rays, settings: RenderSettings, generator: 
         (1.0, 2.0)
     """
     s = settings
+    if s.window > 0 and generator is None and not torch.is_grad_enabled():
+        return _render_terminated(field, rays, s, features, channels)
     with PROFILER.phase("march"):
         samples = march(rays, field.aabb, s.near, s.far, s.step, field.occupancy, generator, s.max_samples)
     with PROFILER.phase("density"):
@@ -152,4 +158,86 @@ def render_field(field: Field, rays: Rays, settings: RenderSettings, generator: 
             out["feature"] = per_ray(field.features(pos))
     for name, fn in (channels or {}).items():
         out[name] = per_ray(fn(pos).float()).squeeze(-1)
+    return out
+
+
+def _skip_empty_front(rays: Rays, plan, grid: OccupancyGrid, s: RenderSettings) -> None:
+    """Move each ray's first step up to just before the first occupied coarse cell it meets (rays meeting none
+    are dropped). The steps skipped are all in empty fine cells, where the march would place no sample; later
+    steps keep their exact positions (same near-plane anchor) and the ray keeps its last step."""
+    end = plan.near + (plan.k0 + plan.n) * plan.step  # where the one-pass march stops (max_samples)
+    start = first_hit(rays, plan.t_in, torch.minimum(plan.t_out, end), grid.coarse())
+    plan.hit &= torch.isfinite(start)
+    k0 = torch.where(plan.hit, torch.maximum(plan.k0, torch.floor((start - plan.near) / plan.step)), plan.k0)
+    plan.t_out = torch.minimum(plan.t_out, end)
+    plan.t_in = torch.maximum(plan.t_in, torch.where(plan.hit, start, plan.t_in))
+    plan.k0 = k0
+    if plan.hit.any():
+        span = (plan.t_out - (plan.near + k0 * plan.step))[plan.hit]
+        plan.n = max(1, int(torch.ceil(span.max() / plan.step).item()) + 1)
+
+
+def _render_terminated(field: Field, rays: Rays, s: RenderSettings, features: bool,
+                       channels: dict[str, Callable] | None) -> dict[str, torch.Tensor]:
+    """`render_field` without gradients, `s.window` steps at a time: rays leave once their transmittance drops
+    below `s.stop_transmittance` (behind an opaque surface nothing more can be seen) or their box ends, so the
+    march, the occupancy look-ups and the density of every later step are skipped.
+
+    The same samples (up to the stop) get the same weights as in one pass: each window's weights are its own
+    front-to-back weights times the transmittance the ray brought in. What a stopped ray leaves out weighs less
+    than `stop_transmittance` in total; a ray whose samples no edit touches stops at the same step as before.
+    """
+    R, device = len(rays), rays.origins.device
+    with PROFILER.phase("march"):
+        plan = plan_march(rays, field.aabb, s.near, s.far, s.step, None, s.max_samples)
+        if isinstance(field.occupancy, OccupancyGrid):
+            _skip_empty_front(rays, plan, field.occupancy, s)
+    trans = torch.ones(R, device=device)
+    rgb = torch.zeros(R, 3, device=device)
+    depth = torch.zeros(R, device=device)
+    acc = torch.zeros(R, device=device)
+    wide: dict[str, torch.Tensor] = {}
+    wanted = {} if not (features and field.features is not None) else {"feature": field.features}
+    wanted.update({name: (lambda fn: lambda p: fn(p).float())(fn) for name, fn in (channels or {}).items()})
+    idx = plan.hit.nonzero()[:, 0]
+    for j0 in range(0, plan.n, s.window):
+        if len(idx) == 0:
+            break
+        j1 = min(j0 + s.window, plan.n)
+        with PROFILER.phase("march"):
+            smp = march_window(rays, plan, j0, j1, field.occupancy, idx)
+        with PROFILER.phase("density"):
+            sigma = scatter_samples(smp.mask, field.density(smp.positions))
+        w, left = weights_from_density(sigma, smp.dt)
+        w = w * trans[idx, None]
+        heavy = w[smp.mask] > s.weight_threshold
+        color_mask = smp.mask.clone()
+        color_mask[smp.mask] = heavy
+        pos = smp.positions[heavy]
+        ray_heavy = idx[smp.ray_index[heavy]]
+        if len(pos):
+            with PROFILER.phase("color"):
+                col = field.color(pos, rays.directions[ray_heavy])
+            w_heavy = w[color_mask]
+            rgb.index_add_(0, ray_heavy, w_heavy[:, None] * col)
+            for name, fn in wanted.items():
+                with PROFILER.phase("features" if name == "feature" else "channels"):
+                    v = fn(pos)
+                v = v[:, None] if v.dim() == 1 else v
+                if name not in wide:
+                    wide[name] = v.new_zeros(R, v.shape[1])
+                wide[name].index_add_(0, ray_heavy, w_heavy[:, None].to(v) * v)
+        depth[idx] += (w * smp.t).sum(-1)
+        acc[idx] += w.sum(-1)
+        trans[idx] = trans[idx] * left
+        last_t = plan.near + (plan.k0[idx] + (j1 - 1) + plan.offset[idx, 0]) * plan.step
+        idx = idx[(trans[idx] > s.stop_transmittance) & (last_t + plan.step < plan.t_out[idx])]
+    out = {"rgb": rgb + (1.0 - acc)[:, None] * s.background, "depth": depth, "acc": acc}
+    for name in wanted:
+        if name in wide:
+            out[name] = wide[name] if name == "feature" else wide[name].squeeze(-1)
+        else:  # nothing visible anywhere: zeros of the right width
+            v = wanted[name](field.aabb.mean(0, keepdim=True).to(device))  # any point: only its width counts
+            zeros = rays.origins.new_zeros(R, 1 if v.dim() == 1 else v.shape[1])
+            out[name] = zeros if name == "feature" else zeros.squeeze(-1)
     return out

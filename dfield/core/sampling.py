@@ -36,6 +36,23 @@ class OccupancyGrid:
         flat, inside = cell_index(pts, self.aabb, (self.resolution,) * 3)
         return self.occupied.reshape(-1)[flat] & inside
 
+    def coarse(self, factor: int = 4) -> "OccupancyGrid":
+        """A grid `factor` times coarser, occupied wherever a fine occupied cell lies and grown by one cell, so a
+        ray crosses at least one whole coarse cell of it before it reaches any fine occupied cell (`first_hit`).
+        Kept until the fine grid changes."""
+        key = (id(self.occupied), self.occupied._version, factor)
+        if getattr(self, "_coarse_key", None) != key:
+            res = max(1, -(-self.resolution // factor))
+            fine = self.occupied.nonzero().float()
+            ijk = (((fine + 0.5) / self.resolution) * res).long().clamp(max=res - 1)
+            grid = torch.zeros((res,) * 3, device=self.occupied.device)
+            grid[ijk[:, 0], ijk[:, 1], ijk[:, 2]] = 1.0
+            coarse = OccupancyGrid.__new__(OccupancyGrid)
+            coarse.aabb, coarse.resolution = self.aabb, res
+            coarse.occupied = F.max_pool3d(grid[None, None], 3, stride=1, padding=1)[0, 0] > 0
+            self._coarse, self._coarse_key = coarse, key
+        return self._coarse
+
     def cell_centers(self) -> torch.Tensor:
         """(resolution^3, 3) cell centres, in the order of `occupied.reshape(-1)`."""
         return cell_centers(self.aabb, (self.resolution,) * 3)
@@ -88,6 +105,65 @@ class RaySamples:
     ray_index: torch.Tensor  # (M,) which ray each masked sample belongs to
 
 
+@dataclass
+class MarchPlan:
+    """Where each ray's samples lie, before any is placed: t = near + (k0 + j + offset) * step for j = 0..n-1,
+    kept where t_in <= t < t_out (`plan_march`); `march_window` places any range of j for any subset of rays."""
+
+    t_in: torch.Tensor  # (R,)
+    t_out: torch.Tensor  # (R,)
+    hit: torch.Tensor  # (R,) bool: the ray crosses the box between near and far
+    k0: torch.Tensor  # (R,) float: index of the step cell the box entry falls in
+    offset: torch.Tensor  # (R, 1): where in its cell each sample sits (0.5 without jitter)
+    n: int  # steps of the longest ray (at most max_samples)
+    near: float
+    step: float
+
+
+def plan_march(rays: Rays, aabb: torch.Tensor, near: float, far: float, step: float,
+               jitter: torch.Generator | None = None, max_samples: int = 1024) -> MarchPlan:
+    """The MarchPlan of `rays` through `aabb` (see `march`)."""
+    t_in, t_out = ray_aabb(rays, aabb)
+    t_in = t_in.clamp(min=near)
+    t_out = t_out.clamp(max=far)
+    hit = t_out > t_in
+    k0 = torch.where(hit, torch.floor((t_in - near) / step), torch.zeros_like(t_in))
+    span = torch.where(hit, t_out - (near + k0 * step), torch.zeros_like(t_in))
+    n = int(torch.ceil(span.max() / step).item()) + 1 if hit.any() else 0
+    n = max(1, min(n, max_samples))
+    device = rays.origins.device
+    if jitter is not None:
+        offset = torch.rand(len(rays), 1, generator=jitter).to(device)
+    else:
+        offset = torch.full((len(rays), 1), 0.5, device=device)
+    return MarchPlan(t_in, t_out, hit, k0, offset, n, near, step)
+
+
+def march_window(rays: Rays, plan: MarchPlan, j0: int, j1: int, occupancy: OccupancyGrid | None = None,
+                 idx: torch.Tensor | None = None) -> RaySamples:
+    """Samples j0..j1-1 of the rays `idx` (default: all) of a plan, empty cells dropped (RaySamples over those
+    rays: `ray_index` counts within `idx`)."""
+    if idx is not None:
+        t_in, t_out, hit, k0, offset = (x[idx] for x in (plan.t_in, plan.t_out, plan.hit, plan.k0, plan.offset))
+        origins, directions = rays.origins[idx], rays.directions[idx]
+    else:
+        t_in, t_out, hit, k0, offset = plan.t_in, plan.t_out, plan.hit, plan.k0, plan.offset
+        origins, directions = rays.origins, rays.directions
+    k = k0[:, None] + torch.arange(j0, j1, device=origins.device, dtype=torch.float32)
+    t = plan.near + (k + offset) * plan.step
+    mask = hit[:, None] & (t >= t_in[:, None]) & (t < t_out[:, None])
+    ray_index = mask.nonzero()[:, 0]
+    positions = origins[ray_index] + directions[ray_index] * t[mask][:, None]
+    if occupancy is not None and len(positions):
+        keep = occupancy.query(positions)
+        mask = mask.clone()
+        mask[mask.clone()] = keep
+        ray_index, positions = ray_index[keep], positions[keep]
+    # Step length in the ray's own units: with unit directions this is the world distance.
+    dt = torch.full_like(t, plan.step) * directions.norm(dim=-1, keepdim=True)
+    return RaySamples(t=t, dt=dt, mask=mask, positions=positions, ray_index=ray_index)
+
+
 def march(
     rays: Rays,
     aabb: torch.Tensor,
@@ -104,29 +180,26 @@ def march(
     the box entry: a larger box (an edit that moves or adds content) then evaluates the field at exactly
     the same points along every ray, so renders outside the edit stay as they were.
     """
-    t_in, t_out = ray_aabb(rays, aabb)
-    t_in = t_in.clamp(min=near)
-    t_out = t_out.clamp(max=far)
-    hit = t_out > t_in
-    k0 = torch.where(hit, torch.floor((t_in - near) / step), torch.zeros_like(t_in))
-    span = torch.where(hit, t_out - (near + k0 * step), torch.zeros_like(t_in))
-    n = int(torch.ceil(span.max() / step).item()) + 1 if hit.any() else 0
-    n = max(1, min(n, max_samples))
-    device = rays.origins.device
-    if jitter is not None:
-        offset = torch.rand(len(rays), 1, generator=jitter).to(device)
-    else:
-        offset = torch.full((len(rays), 1), 0.5, device=device)
-    k = k0[:, None] + torch.arange(n, device=device, dtype=torch.float32)
-    t = near + (k + offset) * step
-    mask = hit[:, None] & (t >= t_in[:, None]) & (t < t_out[:, None])
-    ray_index = mask.nonzero()[:, 0]
-    positions = rays.origins[ray_index] + rays.directions[ray_index] * t[mask][:, None]
-    if occupancy is not None and len(positions):
-        keep = occupancy.query(positions)
-        mask = mask.clone()
-        mask[mask.clone()] = keep
-        ray_index, positions = ray_index[keep], positions[keep]
-    # Step length in the ray's own units: with unit directions this is the world distance.
-    dt = torch.full_like(t, step) * rays.directions.norm(dim=-1, keepdim=True)
-    return RaySamples(t=t, dt=dt, mask=mask, positions=positions, ray_index=ray_index)
+    plan = plan_march(rays, aabb, near, far, step, jitter, max_samples)
+    return march_window(rays, plan, 0, plan.n, occupancy)
+
+
+def first_hit(rays: Rays, t_in: torch.Tensor, t_out: torch.Tensor, coarse: OccupancyGrid, window: int = 64) -> torch.Tensor:
+    """(R,) a distance along each ray before which it meets no occupied cell of the grid `coarse` was made from
+    (`OccupancyGrid.coarse`), inf for a ray that meets none between t_in and t_out. Marched at half a coarse cell:
+    the one-cell margin of the coarse grid cannot be stepped over."""
+    cell = float(((coarse.aabb[1] - coarse.aabb[0]) / coarse.resolution).min())
+    sc = 0.5 * cell / rays.directions.norm(dim=-1).clamp(min=1e-9)
+    first = torch.full_like(t_in, float("inf"))
+    todo = (t_out > t_in).nonzero()[:, 0]
+    j0 = 0
+    while len(todo):
+        j = torch.arange(j0, j0 + window, device=t_in.device, dtype=torch.float32)
+        t = t_in[todo, None] + (j + 0.5) * sc[todo, None]
+        pts = rays.origins[todo, None] + rays.directions[todo, None] * t[..., None]
+        occ = coarse.query(pts.reshape(-1, 3)).reshape(t.shape) & (t < t_out[todo, None])
+        found = occ.any(1)
+        first[todo[found]] = t[found, occ[found].float().argmax(1)] - sc[todo[found]]
+        todo = todo[~found & (t[:, -1] + sc[todo] < t_out[todo])]
+        j0 += window
+    return first
