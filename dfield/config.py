@@ -97,7 +97,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 25
     max_seconds: float = 0.0
-    """Stop after this many seconds of training (0: no limit). Evaluation time is not counted."""
+    """Stop after this many seconds of training (0: no limit). Evaluation time is not counted. When `iterations`
+    steps would not fit, the learning rates decay over the budget instead, so the run ends with a finished model
+    (Trainer.progress)."""
     seed: int = 0
     device: str = "cpu"
     threads: int = 0

@@ -11,6 +11,7 @@ from dfield.core.rays import Rays
 from dfield.core.rendering import composite, scatter_samples, weights_from_density
 from dfield.core.sampling import OccupancyGrid, march, ray_aabb
 from dfield.fields.tensorf import TensoRFConfig
+from dfield.fields import vm
 from dfield.fields.vm import LINE_AXES, PLANE_AXES, VMVolume, _GatherRows, gather_rows
 from dfield.models.grid import GridModel, GridModelConfig
 from dfield.models.nerf import NeRFModel, NeRFModelConfig, _sample_pdf
@@ -270,7 +271,9 @@ def test_vm_volume_matches_grid_sample():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_gather_rows_gradient_matches_embedding_bag():
+@pytest.mark.parametrize("kernel", ["index_add", "sparse"])
+def test_gather_rows_gradient_matches_embedding_bag(kernel, monkeypatch):
+    monkeypatch.setitem(vm._chosen, "cpu", kernel)
     g = torch.Generator().manual_seed(0)
     table = torch.randn(30, 5, generator=g)
     rows = torch.randint(0, 30, (40, 4), generator=g)
@@ -293,6 +296,21 @@ def test_gather_rows_gradient_matches_embedding_bag():
     wg = w.clone().requires_grad_()
     gather_rows(table, rows, wg).sum().backward()
     assert wg.grad is not None and wg.grad.shape == w.shape
+
+
+def test_gather_backward_is_chosen_once_and_can_be_forced(monkeypatch):
+    monkeypatch.setattr(vm, "_chosen", {})
+    monkeypatch.setenv("DFIELD_GATHER_BACKWARD", "sparse")
+    assert vm.gather_backward() == "sparse"
+    monkeypatch.setenv("DFIELD_GATHER_BACKWARD", "index_add")
+    assert vm.gather_backward() == "sparse"  # chosen once per process: a run never switches kernels midway
+    monkeypatch.setattr(vm, "_chosen", {})
+    monkeypatch.setenv("DFIELD_GATHER_BACKWARD", "nope")
+    with pytest.raises(ValueError, match="DFIELD_GATHER_BACKWARD"):
+        vm.gather_backward()
+    monkeypatch.setattr(vm, "_chosen", {})
+    monkeypatch.delenv("DFIELD_GATHER_BACKWARD")
+    assert vm.gather_backward() in vm.BACKWARDS  # timed here
 
 
 def test_vm_resample_2x_minus_1_is_exact():

@@ -138,7 +138,7 @@ def _lift(model: GridModel, data: Dataset, maps, n_voxels, batch_rays, loss, see
     cells = int((lifted.rows > 0).sum())
     return {"seconds": lifted.seconds, "iterations": 0, "loss": value, "loss_kind": loss,
             "loss_note": f"one batch of {batch_rays} training rays", "lift_res": list(lifted.res),
-            "lift_cells": cells, "lift_bytes": cells * (lifted.grid.shape[1] * 2 + 4)}
+            "lift_cells": cells, "lift_dims": lifted.grid.shape[1], "lift_bytes": cells * (lifted.grid.shape[1] * 2 + 4)}
 
 
 def _optimised_params(model: GridModel) -> list[torch.nn.Parameter]:
