@@ -79,7 +79,7 @@ def test_outside_the_attention_the_source_passes_through_bit_for_bit():
     half = torch.tensor([[0.0, -1.0, -1.0], [1.0, 1.0, 1.0]])  # the attention covers x > 0 only
     edit = EditField(half, (8, 8, 8))
     with torch.no_grad():
-        edit.ratio_head.bias.copy_(torch.tensor([3.0, 3.0]))
+        edit.grid[1:3].fill_(3.0)
         edit.color_mlp[-1].bias.copy_(torch.tensor([-3.0, 3.0, -3.0]))
     f = BlendedField(Ball(), edit, attention_on(half), ["remove", "color"])
     x = torch.rand(5000, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -98,8 +98,7 @@ def test_density_addition_renders_where_the_source_is_empty():
     box = torch.tensor([[0.6, -0.2, -0.2], [1.0, 0.2, 0.2]])  # empty space beside the ball
     edit = EditField(box, (8, 8, 8))
     with torch.no_grad():
-        edit.density_vol.lines.fill_(1.0)
-        edit.density_vol.planes.fill_(1.0)  # sum of 3 * 8 products of 1: softplus(24 - 10) * 25, opaque
+        edit.grid[0].fill_(14.0)  # softplus(14 - 6) * 25: opaque
     f = BlendedField(Ball(), edit, attention_on(box), ["add"])
     rays = Rays(torch.tensor([[0.8, 0.0, -3.0], [-0.8, 0.0, -3.0]]), torch.tensor([[0.0, 0, 1], [0.0, 0, 1]]))
     out = render_field(f, rays, RenderSettings(0.0, 6.0, 0.01, torch.ones(3)))

@@ -247,7 +247,7 @@ def imgfocus_state_dict(cache_dir: Path | None = None) -> dict[str, torch.Tensor
             pass  # damaged: convert again
     try:
         import onnx  # heavy and optional: only this conversion and the dinov2 teacher need it
-        from onnx import numpy_helper
+        from onnx import numpy_helper  # (the same optional package)
     except ImportError as e:
         raise TeacherError(f"reading the DINOv2 weights needs onnx ({e}): {INSTALL}") from None
     model = onnx.load(str(src))

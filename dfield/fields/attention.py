@@ -2,9 +2,13 @@
 
 The mask is a dense grid of logits read by trilinear interpolation of their sigmoids, so it is smooth, exactly
 zero outside its box, and cheap to regularise: `sparsity` (the mean of the mask, an L1 prior that keeps it
-small) and `total_variation` (squared differences of neighbouring cells, which keeps it in one piece). Values
-below `floor` read as exactly zero, so an edit gated by the mask leaves every point outside it bit for bit as
-it was, and the edit's own fields are never evaluated there.
+small) and `total_variation` (squared differences of neighbouring cells, which keeps it in one piece).
+
+The value read at a point is that interpolated sigmoid v rescaled so both ends are exact,
+A = clamp((v - floor) / (1 - 2 floor), 0, 1): below `floor` it is exactly zero, so an edit gated by the mask
+leaves every point outside it bit for bit as it was (and the edit's own fields are never evaluated there); above
+1 - floor it is exactly one, so inside the region an edit can act fully: removing an opaque object needs
+A rho_sigma within about 1e-3 of one, which a sigmoid alone reaches only at logits no distillation produces.
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ class AttentionField(nn.Module):
     probabilities in [0, 1], default 0.5 everywhere).
 
     Example:
-        >>> a = AttentionField(torch.tensor([[0.0] * 3, [1.0] * 3]), (4, 4, 4), torch.ones(4, 4, 4) * 0.9)
+        >>> a = AttentionField(torch.tensor([[0.0] * 3, [1.0] * 3]), (4, 4, 4), torch.ones(4, 4, 4) * 0.5)
         >>> a(torch.tensor([[0.5, 0.5, 0.5], [2.0, 0.0, 0.0]])).tolist()  # inside the box, then outside it
-        [0.8999999761581543, 0.0]
+        [0.5, 0.0]
     """
 
     def __init__(self, aabb: torch.Tensor, res, init: torch.Tensor | None = None, floor: float = 0.02):
@@ -44,8 +48,8 @@ class AttentionField(nn.Module):
         return torch.sigmoid(self.logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3) world points -> (N,) mask in [0, 1]: trilinear in the cell-centre values, zero outside the box and
-        wherever it falls below `floor`."""
+        """(N, 3) world points -> (N,) mask in [0, 1]: trilinear in the cell-centre values, rescaled to be exactly
+        zero below `floor` (and outside the box) and exactly one above 1 - floor."""
         if len(x) == 0:
             return x.new_zeros(0)
         aabb = self.aabb.to(x)
@@ -55,7 +59,8 @@ class AttentionField(nn.Module):
         g = (u * 2 - 1)[:, [2, 1, 0]].reshape(1, -1, 1, 1, 3)  # grid_sample wants (W, H, D) = (z, y, x) order
         v = F.grid_sample(self.grid()[None, None].to(x), g, mode="bilinear", padding_mode="border",
                           align_corners=False).reshape(-1)
-        return torch.where(inside & (v >= self.floor), v, torch.zeros_like(v))
+        a = ((v - self.floor) / (1 - 2 * self.floor)).clamp(0, 1)
+        return torch.where(inside & (v >= self.floor), a, torch.zeros_like(v))
 
     def support(self, points: torch.Tensor) -> torch.Tensor:
         """(N, 3) -> (N,) bool: where the mask is not zero."""

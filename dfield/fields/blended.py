@@ -12,7 +12,7 @@ The three edit kinds of the paper switch these terms on: density addition ("add"
 ("remove": r_sigma) and colour change ("color": r_c). An optional deformation field moves where the source is
 read inside the attention (x -> x + A(x) delta(x)) for shape changes.
 
-The edit field is a factorised (VM) grid like the scene's own, over the attention's box. Its colour is a
+The edit field is a dense grid over the attention's box (EditField says why not a factorised one). Its colour is a
 residual on the source colour, c_E = sigmoid(logit(c_S) + MLP(z(x), c_S)) with a spatial latent z(x): the MLP
 learns one mapping of colours (what "make it green" means for every shade of the object), which carries an
 edit seen in a few views to the parts of the region no view supervised; z lets it vary in space.
@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 from dfield.core.sampling import OccupancyGrid
 from dfield.fields.attention import AttentionField
-from dfield.fields.vm import VMVolume
 
 KINDS = ("add", "remove", "color")
 
@@ -73,36 +72,38 @@ def blend(sigma_s: torch.Tensor, c_s: torch.Tensor, sigma_e: torch.Tensor, c_e: 
 
 @dataclass
 class EditFieldConfig:
-    """Ranks and widths of an EditField, and where its ratios start."""
+    """Widths of an EditField and where its values start."""
 
-    density_comp: int = 8
-    """VM components of the added-density volume."""
-    latent_comp: int = 8
-    """VM components of the spatial latent volume."""
     latent_dim: int = 8
-    """Width of the latent z(x) the colour MLP and the ratio heads read."""
+    """Width of the spatial latent z(x) the colour MLP reads."""
     hidden: int = 32
     """Hidden width of the colour MLP."""
-    density_shift: float = -10.0
-    """softplus(sum + shift) * scale, as the scene's field: the edit starts with (almost) no density."""
+    density_shift: float = -6.0
+    """sigma_E = softplus(g + shift) * scale with the grid's density channel g starting at 0: the edit starts with a
+    faint density (0.06), small enough to leave renders as they were, large enough to get gradients."""
     density_scale: float = 25.0
-    init_scale: float = 0.1
-    latent_init: float = 0.05
-    removal_init: float = -8.0
-    """Logit of the density removal ratio at the start (-8: nothing removed)."""
+    latent_init: float = 0.0
+    """Standard deviation of the latent channels at the start (0: the colour starts as a function of c_S alone)."""
+    removal_init: float = -5.0
+    """Logit of the density removal ratio at the start (-5: 0.7 % removed)."""
     color_init: float = 4.0
     """Logit of the colour blending ratio at the start (4: the edit colour, which starts equal to the source's)."""
 
 
 class EditField(nn.Module):
-    """The trainable part of a blended field, over the box `aabb` at `res` cells per axis: added density, a spatial
-    latent, the colour residual MLP and the two blending-ratio heads.
+    """The trainable part of a blended field over the box `aabb`: a dense grid of `res` cells per axis with, per
+    cell, an added-density logit, the two blending-ratio logits (density removal, colour) and a latent z(x); and
+    the colour MLP. Values between cell centres are trilinear.
+
+    A dense grid rather than the scene's factorised one: the edit's box is small (48^3 cells by default), and a
+    product of factors that start small starts at a saddle (every factor's gradient is scaled by the others); the
+    first version of this field, VM-factorised, never moved its latent or added density off zero.
 
     Example:
         >>> e = EditField(torch.tensor([[0.0] * 3, [1.0] * 3]), (8, 8, 8))
         >>> x, c = torch.rand(4, 3), torch.full((4, 3), 0.3)
         >>> z = e.latent(x)
-        >>> torch.allclose(e.color(z, c), c), e.ratios(z).shape  # the colour starts as the source's
+        >>> torch.allclose(e.color(z, c), c), e.ratios(x).shape  # the colour starts as the source's
         (True, torch.Size([4, 2]))
     """
 
@@ -111,52 +112,56 @@ class EditField(nn.Module):
         cfg = EditFieldConfig() if cfg is None else dataclasses.replace(cfg)
         self.cfg = cfg
         self.register_buffer("aabb", aabb.detach().clone().float())
-        self.density_vol = VMVolume(cfg.density_comp, res, cfg.init_scale)
-        self.latent_vol = VMVolume(cfg.latent_comp, res, cfg.latent_init)
-        self.latent_basis = nn.Linear(3 * cfg.latent_comp, cfg.latent_dim, bias=False)
+        res = tuple(int(r) for r in res)
+        g = torch.zeros(3 + cfg.latent_dim, *res)
+        g[1], g[2] = cfg.removal_init, cfg.color_init
+        g[3:] = torch.randn(cfg.latent_dim, *res, generator=torch.Generator().manual_seed(0)) * cfg.latent_init
+        self.grid = nn.Parameter(g)
         self.color_mlp = nn.Sequential(nn.Linear(cfg.latent_dim + 3, cfg.hidden), nn.ReLU(),
                                        nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, 3))
         nn.init.zeros_(self.color_mlp[-1].weight)
         nn.init.zeros_(self.color_mlp[-1].bias)
-        self.ratio_head = nn.Linear(cfg.latent_dim, 2)
-        nn.init.zeros_(self.ratio_head.weight)
-        with torch.no_grad():
-            self.ratio_head.bias.copy_(torch.tensor([cfg.removal_init, cfg.color_init]))
 
     @property
     def res(self) -> tuple[int, int, int]:
-        """Cells per axis of the volumes."""
-        return self.density_vol.res
+        """Cells per axis of the grid."""
+        return tuple(self.grid.shape[1:])
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3) world points -> (N, 3) in [0, 1] inside the box."""
-        return (x - self.aabb[0]) / (self.aabb[1] - self.aabb[0])
+    def sample(self, x: torch.Tensor, channels: slice) -> torch.Tensor:
+        """(N, 3) world points -> (N, C) trilinear grid values of `channels` (clamped to the box's border)."""
+        aabb = self.aabb.to(x)
+        u = ((x - aabb[0]) / (aabb[1] - aabb[0])).clamp(0, 1)
+        g = (u * 2 - 1)[:, [2, 1, 0]].reshape(1, -1, 1, 1, 3)  # grid_sample wants (z, y, x) order
+        v = F.grid_sample(self.grid[channels][None].to(x), g, mode="bilinear", padding_mode="border",
+                          align_corners=False)
+        return v.reshape(v.shape[1], -1).T
 
     def density(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3) -> (N,) added density sigma_E >= 0."""
-        feat = self.density_vol(self.normalize(x).clamp(0, 1)).sum(-1)
-        return F.softplus(feat + self.cfg.density_shift) * self.cfg.density_scale
+        return F.softplus(self.sample(x, slice(0, 1))[:, 0] + self.cfg.density_shift) * self.cfg.density_scale
+
+    def ratios(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3) -> (N, 2): density removal ratio rho_sigma and colour blending ratio rho_c, in [0, 1]."""
+        return torch.sigmoid(self.sample(x, slice(1, 3)))
 
     def latent(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3) -> (N, latent_dim) spatial latent z(x)."""
-        return self.latent_basis(self.latent_vol(self.normalize(x).clamp(0, 1)))
+        return self.sample(x, slice(3, None))
 
     def color(self, z: torch.Tensor, c_src: torch.Tensor) -> torch.Tensor:
         """Latents (N, latent_dim) and source colours (N, 3) -> edit colours (N, 3): sigmoid(logit(c_S) + MLP(z, c_S))."""
         base = torch.logit(c_src.clamp(1e-4, 1 - 1e-4))
         return torch.sigmoid(base + self.color_mlp(torch.cat([z, c_src], -1)))
 
-    def ratios(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents (N, latent_dim) -> (N, 2): density removal ratio rho_sigma and colour blending ratio rho_c."""
-        return torch.sigmoid(self.ratio_head(z))
-
     def regularizers(self) -> dict[str, torch.Tensor]:
-        """Priors by name: `latent` (mean square of the latent volume: spatial variation only where the data asks for
-        it), `density` (L1 of the density volume) and `density_tv`."""
-        lat, den = self.latent_vol, self.density_vol
-        return {"latent": lat.planes.square().mean() + lat.lines.square().mean(),
-                "density": den.planes.abs().mean() + den.lines.abs().mean(),
-                "density_tv": den.total_variation()}
+        """Priors by name: `latent` (mean square plus total variation of the latent: the colour mapping varies in
+        space only where the data asks, and smoothly), `density` (mean added density over the grid: no matter that
+        no view asks for) and `tv` (total variation of the density and ratio logits: cells no ray supervises
+        follow their neighbours)."""
+        g = self.grid
+        tv = lambda v: sum((v.diff(dim=k) ** 2).mean() for k in (1, 2, 3))  # noqa: E731
+        sigma = F.softplus(g[0] + self.cfg.density_shift) * self.cfg.density_scale
+        return {"latent": g[3:].square().mean() + tv(g[3:]), "density": sigma.mean(), "tv": tv(g[:3])}
 
 
 class DeformationField(nn.Module):
@@ -208,7 +213,7 @@ class BlendedField:
         >>> box = torch.tensor([[-0.6] * 3, [0.6] * 3])
         >>> edit = EditField(box, (8, 8, 8))
         >>> with torch.no_grad():
-        ...     _ = edit.ratio_head.bias.copy_(torch.tensor([10.0, 0.0]))  # remove everything the attention covers
+        ...     _ = edit.grid[1].fill_(20.0)  # remove everything the attention covers
         >>> f = BlendedField(Ball(), edit, AttentionField(box, (8, 8, 8), torch.ones(8, 8, 8)), ["remove"])
         >>> rays = Rays(torch.tensor([[0.0, 0, -3]]), torch.tensor([[0.0, 0, 1]]))
         >>> out = render_field(f, rays, RenderSettings(0.0, 6.0, 0.01, torch.ones(3)))
@@ -241,8 +246,7 @@ class BlendedField:
         y = x if self.deform is None else x + a[:, None] * self.deform(x)
         if sigma_s is None or self.deform is not None:
             sigma_s = self.source.density(y)
-        z = self.edit.latent(x)
-        rho = self.edit.ratios(z)
+        rho = self.edit.ratios(x)
         zero = torch.zeros_like(a)
         r_sigma = a * rho[:, 0] if "remove" in self.kinds else zero
         r_color = a * rho[:, 1] if "color" in self.kinds else zero
@@ -251,7 +255,7 @@ class BlendedField:
                "sigma": (1 - r_sigma) * sigma_s + sigma_e}
         if d is not None:
             c_s = self.source.color(y, d)
-            c_e = self.edit.color(z, c_s) if self.kinds & {"add", "color"} else c_s
+            c_e = self.edit.color(self.edit.latent(x), c_s) if self.kinds & {"add", "color"} else c_s
             out["sigma"], out["color"] = blend(sigma_s, c_s, sigma_e, c_e, r_sigma, r_color)
             out["c_s"], out["c_e"] = c_s, c_e
         return out
