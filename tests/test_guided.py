@@ -122,6 +122,24 @@ def test_attention_regularisers():
     low = attention_on(BOX, 4, 0.01)
     assert low(torch.zeros(3, 3)).abs().sum().item() == 0.0
     assert attention_on(BOX, 4, 0.9)(torch.tensor([[2.0, 0, 0]])).item() == 0.0
+    # Above 1 - floor it is exactly one: an edit gated by it can act fully (remove an opaque object entirely).
+    assert attention_on(BOX, 4, 0.99)(torch.zeros(3, 3)).tolist() == [1.0, 1.0, 1.0]
+    assert 0 < attention_on(BOX, 4, 0.6)(torch.zeros(1, 3)).item() < 1
+
+
+def test_edit_field_priors_and_starts():
+    edit = EditField(BOX, (6, 6, 6))
+    regs = edit.regularizers()
+    assert regs["tv"].item() == 0 and regs["latent"].item() == 0  # constant logits, zero latent at the start
+    assert 0 < regs["density"].item() < 0.1  # a faint density: gradients, but nothing visible
+    x = torch.rand(50, 3) * 2 - 1
+    assert (edit.ratios(x)[:, 0] < 0.01).all() and (edit.ratios(x)[:, 1] > 0.95).all()
+    from dfield.edit.guided import GuidedConfig, start_edit
+
+    start_edit(edit, ["remove"], GuidedConfig())
+    assert (edit.ratios(x)[:, 0] > 0.999).all()  # removal starts on: the region goes unless guidance keeps it
+    sum(edit.regularizers().values()).backward()
+    assert torch.isfinite(edit.grid.grad).all()
 
 
 def test_attention_distillation_fits_relevance_and_keeps_the_unseen_inside():

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -95,6 +96,10 @@ class GuidedConfig:
     attention_sparsity: float = 0.02
     attention_tv: float = 0.05
     attention_floor: float = 0.02
+    attention_grow: int = 1
+    """Cells the query's 3D selection (and the paint hull) grow by before the attention is distilled."""
+    region_grow_px: int = 2
+    """Pixels each view's region mask grows by (the opacity constraints and preservation act outside it)."""
     constraint_weight: float = 0.1
     """Blending-NeRF's accumulated-opacity constraints: what each kind changes, outside the region's mask."""
     preserve_weight: float = 1.0
@@ -259,7 +264,8 @@ def build_region(run: Run, field, select: Select | None, painted: dict[int, torc
                                (pix // cams.width).float() + 0.5, ndc)
                 d = data[v]
                 seen = d.acc.reshape(-1)[pix] > 0.5
-                ends.append(torch.where(seen, d.depth.reshape(-1)[pix] + 3 * cell, torch.full_like(pix, 1e9, dtype=torch.float32)))
+                # New matter must lie in front of the surface the painted pixel saw (behind it, it would be hidden).
+                ends.append(torch.where(seen, d.depth.reshape(-1)[pix] + cell, torch.full_like(pix, 1e9, dtype=torch.float32)))
                 rays.append(r)
             if not rays:
                 raise EditError("no pixel of the edited views differs from the renders: nothing was painted")
@@ -275,7 +281,8 @@ def build_region(run: Run, field, select: Select | None, painted: dict[int, torc
         raise EditError("a guided edit needs a region: --where (a query) or painted views")
     limit = torch.tensor(run.scene.aabb, dtype=torch.float32)
     box = region_box(boxes, limit)
-    attention = initial_attention(box, cfg.attention_voxels, starts, floor=cfg.attention_floor)
+    attention = initial_attention(box, cfg.attention_voxels, starts, floor=cfg.attention_floor,
+                                  grow=cfg.attention_grow)
     # What the attention should render as: the query's relevance, and every painted pixel (for colour and removal).
     for v, m in masks.items():
         if kinds_touch_surface(kinds):
@@ -298,6 +305,9 @@ def build_region(run: Run, field, select: Select | None, painted: dict[int, torc
             region = torch.maximum(region, cover.reshape(region.shape))
         if v in masks:
             region = torch.maximum(region, masks[v].float())
+        if cfg.region_grow_px > 0:  # relevance maps are blurry at silhouettes: let the edit reach a little beyond
+            k = cfg.region_grow_px
+            region = F.max_pool2d(region[None, None], 2 * k + 1, stride=1, padding=k)[0, 0]
         d.region = region.clamp(0, 1)
     stats["attention_box"] = attention.aabb.tolist()
     stats["attention_res"] = list(attention.res)

@@ -227,9 +227,10 @@ def region_box(boxes: list[torch.Tensor], limit: torch.Tensor, margin: float = 0
 
 @torch.no_grad()
 def initial_attention(box: torch.Tensor, voxels: int, sources: list[Callable[[torch.Tensor], torch.Tensor]],
-                      floor: float = 0.02, blur: int = 1) -> AttentionField:
+                      floor: float = 0.02, blur: int = 1, grow: int = 0) -> AttentionField:
     """An attention field over `box` (about `voxels` cells) starting as the union (max) of `sources`, functions
-    of points giving a selection in [0, 1] (a 3D query selection, a paint hull), softened by a `blur`-cell box
+    of points giving a selection in [0, 1] (a 3D query selection, a paint hull), grown by `grow` whole cells (so
+    the selection's surface lies inside the mask, not on its graded edge) and softened by a `blur`-cell box
     filter so its edges are graded."""
     res = voxel_res(box, voxels)
     pts = cell_centers(box, res)
@@ -237,6 +238,8 @@ def initial_attention(box: torch.Tensor, voxels: int, sources: list[Callable[[to
     for fn in sources:
         p = torch.maximum(p, fn(pts).float().cpu())
     p = p.reshape(res)
+    if grow > 0:
+        p = F.max_pool3d(p[None, None], 2 * grow + 1, stride=1, padding=grow)[0, 0]
     if blur > 0:
         k = 2 * blur + 1
         p = torch.maximum(p, F.avg_pool3d(p[None, None], k, stride=1, padding=blur, count_include_pad=False)[0, 0])
