@@ -49,10 +49,12 @@ class FeatureConfig:
     loss: Literal["l2", "l1"] = "l2"
     start_step: int = 0
     """Radiance first: the feature loss starts at this step (0: joint training from the start)."""
-    smooth: str = ""
-    """Smoother targets: '' (the teacher's maps as they are), segments:SEGMENTER (blur inside each region of a
-    segmenter's masks: segments:felzenszwalb (offline, no weights), segments:litemedsam, segments:gt (generated
-    scenes), segments:files:FOLDER), or bilateral[:sigma_space=3,sigma_color=0.1] (RGB-guided, the baseline)."""
+    smooth: str = "auto"
+    """Smoother targets: auto (the default: the best variant of the smoothing ablation that needs no weights,
+    dfield.features.targets.DEFAULT_SMOOTH, recorded resolved in the run's config), none (the teacher's maps as
+    they are), segments:SEGMENTER (blur inside each region of a segmenter's masks: segments:felzenszwalb (offline),
+    segments:litemedsam, segments:sam:CHECKPOINT, segments:gt (generated scenes), segments:files:FOLDER), or
+    bilateral[:sigma_space=3,sigma_color=0.1] (RGB-guided, the baseline)."""
     smooth_on: Literal["auto", "renders", "photos"] = "auto"
     """What the masks (and the bilateral guide) are made on: the radiance field's renders of the training views when
     features start (the paper's radiance-first order), or the input photos; auto: renders when start_step > 0."""
