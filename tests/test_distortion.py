@@ -1,6 +1,7 @@
 """Camera models with lens distortion: hand-computed projections for each COLMAP model, the inverse, the choice of
 the undistorted pinhole camera, images undistorted by remapping, and the COLMAP reader undistorting on load."""
 
+import json
 import math
 
 import numpy as np
@@ -18,6 +19,7 @@ from dfield.data.distortion import (
     undistorted_intrinsics,
     undistortion_grid,
 )
+from dfield.data.images import read_image
 from dfield.errors import DataError
 
 # (model, params, the normalised point (x, y), its pixel worked out by hand from COLMAP's equations)
@@ -145,3 +147,23 @@ def test_colmap_reader_undistorts_each_image_with_its_own_camera(tmp_path):
     j = next(i for i, p in enumerate(ds.image_paths) if p.name == half.image_paths[0].name)
     assert half.cameras.fx[0].item() == pytest.approx(ds.cameras.fx[j].item() / 2, rel=1e-4)
     assert math.isclose(half.cameras.cx[0].item(), ds.cameras.cx[j].item() / 2, rel_tol=1e-6)
+
+
+def test_nerfstudio_opencv_distortion_is_undone_on_load(make_blender):
+    root = make_blender(n=3, width=32, height=24, splits=None, fl_x=30.0, fl_y=31.0, cx=16.5, cy=11.5,
+                        camera_model="OPENCV", k1=-0.15, k2=0.02, p1=0.001, p2=-0.002)
+    meta = json.loads((root / "transforms.json").read_text())
+    del meta["camera_angle_x"]
+    (root / "transforms.json").write_text(json.dumps(meta))
+    ds = load_dataset(root, "all")
+    lens = lens_camera("OPENCV", [30.0, 31.0, 16.5, 11.5, -0.15, 0.02, 0.001, -0.002], 32, 24)
+    for i, path in enumerate(ds.image_paths):
+        expected, k = undistort_image(read_image(path), lens)
+        assert torch.equal(ds.images[i], torch.from_numpy(expected))
+        assert [getattr(ds.cameras, a)[i].item() for a in ("fx", "fy", "cx", "cy")] == pytest.approx(k, rel=1e-6)
+    assert ds.cameras.fx[0].item() < 30.0  # barrel distortion undone: a wider view
+    # A fisheye model is not undone; the reader says so.
+    meta["camera_model"] = "OPENCV_FISHEYE"
+    (root / "transforms.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="OPENCV_FISHEYE"):
+        load_dataset(root, "all")

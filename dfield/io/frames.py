@@ -86,6 +86,8 @@ def list_photos(folder: Path) -> list[Path]:
         DataError: the folder does not exist, or holds no photos (saying so if it holds videos instead).
     """
     folder = Path(folder)
+    if folder.is_file():
+        raise DataError(f"{folder}: not a folder of photos, nor a video ({', '.join(VIDEO_EXTS)})")
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder or video file")
     photos = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)

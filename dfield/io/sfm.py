@@ -92,8 +92,9 @@ def image_pairs(names: list[str], sequential: bool, overlap: int = 10) -> list[t
     Example:
         >>> len(image_pairs([f"{i}" for i in range(5)], sequential=False))
         10
-        >>> image_pairs([f"{i}" for i in range(5)], sequential=True, overlap=1)
-        [('0', '1'), ('0', '2'), ('0', '4'), ('1', '2'), ('1', '3'), ('2', '3'), ('2', '4'), ('3', '4'), ('1', '4'), ('0', '3')]
+        >>> image_pairs([f"{i}" for i in range(6)], sequential=True, overlap=2)  # doctest: +NORMALIZE_WHITESPACE
+        [('0', '1'), ('0', '2'), ('1', '2'), ('1', '3'), ('2', '3'), ('2', '4'), ('3', '4'), ('3', '5'), ('4', '5'),
+         ('0', '4'), ('0', '5'), ('2', '5')]
     """
     n = len(names)
     if not sequential:
