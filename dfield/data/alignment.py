@@ -86,8 +86,10 @@ def rotation_angle_deg(r: np.ndarray) -> np.ndarray:
         >>> round(float(rotation_angle_deg(np.array([[0.0, -1, 0], [1, 0, 0], [0, 0, 1]]))), 6)
         90.0
     """
+    # atan2 of sine and cosine stays accurate near 0, where arccos of the trace loses half the digits.
     cos = (np.trace(r, axis1=-2, axis2=-1) - 1) / 2
-    return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+    sin = np.linalg.norm(r - np.swapaxes(r, -1, -2), axis=(-2, -1)) / (2 * np.sqrt(2))
+    return np.degrees(np.arctan2(sin, cos))
 
 
 def pose_errors(estimated: np.ndarray, reference: np.ndarray) -> dict:

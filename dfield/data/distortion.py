@@ -70,7 +70,7 @@ def lens_camera(model: str, params, width: int, height: int) -> LensCamera:
 
     Example:
         >>> cam = lens_camera("SIMPLE_RADIAL", [100.0, 32.0, 24.0, -0.1], 64, 48)
-        >>> (cam.fx, cam.fy, cam.coeffs[0], cam.distorted)
+        >>> (cam.fx, cam.fy, float(cam.coeffs[0]), cam.distorted)
         (100.0, 100.0, -0.1, True)
     """
     if model not in MODEL_PARAMS:
