@@ -142,10 +142,11 @@ def test_colmap_reader_undistorts_each_image_with_its_own_camera(tmp_path):
             assert got == pytest.approx(params, rel=1e-6)  # PINHOLE: as it was
         else:
             assert got[2:] == pytest.approx([31.0, 25.0]) and got[0] / got[1] == pytest.approx(55 / 56)
-    # Downscaled on load: the same camera at half the size, still undistorted.
+    # Downscaled on load: the same camera at half the size, still undistorted (the zoom, fitted to the border's
+    # pixel centres, differs by a fraction of a pixel between the two sizes).
     half = load_dataset(tmp_path / "s", "all", downscale=2)
     j = next(i for i, p in enumerate(ds.image_paths) if p.name == half.image_paths[0].name)
-    assert half.cameras.fx[0].item() == pytest.approx(ds.cameras.fx[j].item() / 2, rel=1e-4)
+    assert half.cameras.fx[0].item() == pytest.approx(ds.cameras.fx[j].item() / 2, rel=5e-3)
     assert math.isclose(half.cameras.cx[0].item(), ds.cameras.cx[j].item() / 2, rel_tol=1e-6)
 
 

@@ -191,8 +191,8 @@ def undistort_image(image: np.ndarray, cam: LensCamera, intrinsics: tuple[float,
     Example:
         >>> cam = lens_camera("SIMPLE_RADIAL", [40.0, 16.0, 12.0, -0.05], 32, 24)
         >>> out, (fx, fy, cx, cy) = undistort_image(np.full((24, 32, 3), 7, np.uint8), cam)
-        >>> out.shape, int(out.min()), int(out.max()), round(fx, 2), (cx, cy)
-        ((24, 32, 3), 7, 7, 38.32, (16.0, 12.0))
+        >>> out.shape, int(out.min()), int(out.max()), round(float(fx), 2), (cx, cy)
+        ((24, 32, 3), 7, 7, 39.83, (16.0, 12.0))
     """
     h, w = image.shape[:2]
     if (w, h) != (cam.width, cam.height):
@@ -203,6 +203,6 @@ def undistort_image(image: np.ndarray, cam: LensCamera, intrinsics: tuple[float,
     grid = torch.from_numpy(undistortion_grid(cam, k))
     # grid_sample's align_corners=False puts pixel i's centre at normalised (2 i + 1) / W - 1 = 2 (i + 0.5) / W - 1.
     grid = (2 * grid / torch.tensor([w, h], dtype=grid.dtype) - 1).float()[None]
-    src = torch.from_numpy(np.ascontiguousarray(image)).float().permute(2, 0, 1)[None]
+    src = torch.from_numpy(np.array(image, np.float32)).permute(2, 0, 1)[None]  # a copy: PIL arrays are read-only
     out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy(), k

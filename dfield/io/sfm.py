@@ -122,11 +122,12 @@ def image_pairs(names: list[str], sequential: bool, overlap: int = 10) -> list[t
 
 def _pycolmap():
     try:
+        # Lazy: only process-images needs it, and an install without it must still train (and say what is missing).
         import pycolmap
     except ImportError:
         raise DfieldError("structure from motion needs pycolmap: pip install 'pycolmap>=4,<5' "
                           "(bash scripts/setup.sh installs it)") from None
-    pycolmap.logging.minloglevel = 2  # errors only: COLMAP logs every step at INFO level
+    pycolmap.logging.minloglevel = 3  # COLMAP logs every step, and its errors, itself; dfield reports its own
     return pycolmap
 
 
@@ -209,7 +210,8 @@ def run_sfm(image_dir: Path, names: list[str], work_dir: Path, options: SfmOptio
     pairs_file.unlink(missing_ok=True)
     stats["matching_s"] = time.perf_counter() - t1
     with pc.Database.open(db) as d:
-        verified = d.num_verified_image_pairs()
+        # Pairs whose matches survived geometric verification (the database also keeps those that did not).
+        verified = sum(len(g.inlier_matches) > 0 for g in d.read_two_view_geometries()[1])
     stats.update(matching="sequential" if sequential else "exhaustive", pairs=len(pairs), verified_pairs=verified,
                  mean_keypoints=float(np.mean(list(keypoints.values()))))
     if verified == 0:
