@@ -235,3 +235,21 @@ def test_process_images_rejects_bad_options(tmp_path):
         process_images(tmp_path, tmp_path / "s", CaptureOptions(format="ply"))
     with pytest.raises(DataError):
         process_images(tmp_path / "nothing", tmp_path / "s")
+
+
+def test_video_to_scene(textured, tmp_path):
+    # The views as the frames of a video (with a blurred copy after each): the sharp ones are picked, posed, written.
+    _, photos, gt = textured
+    frames = []
+    for i in range(N_VIEWS):
+        sharp = Image.open(photos / f"view_{i:02d}.png")
+        frames += [np.asarray(sharp), np.asarray(sharp.resize((80, 60)).resize((320, 240), Image.BILINEAR))]
+    video = _video(tmp_path / "orbit.mp4", frames, fps=8)
+    s = process_images(video, tmp_path / "scene", CaptureOptions(every=2))
+    assert s["kind"] == "video" and s["video"]["frames"] == 2 * N_VIEWS
+    assert s["registered"] >= N_VIEWS - 1 and s["matching"] == "exhaustive"
+    ds = load_dataset(tmp_path / "scene", "all")
+    picked = [int(p.stem.split("_")[1]) for p in ds.image_paths]
+    assert all(f % 2 == 0 for f in picked)  # never the blurred copy
+    e = pose_errors(ds.cameras.c2w.double().numpy(), gt[[f // 2 for f in picked]])
+    assert e["rotation_error_deg"].max() < 1.0
