@@ -15,6 +15,8 @@ from dfield.config import TrainConfig
 from dfield.data.generate import SceneSpec
 from dfield.data.generate import generate_scene as write_scene
 from dfield.errors import DataError, DfieldError, RunError, TrainingDiverged
+from dfield.io.capture import CaptureOptions
+from dfield.io.sfm import SfmOptions
 from dfield.query.spec import QuerySpec
 
 app = SubcommandApp()
@@ -82,6 +84,44 @@ def generate_scene(out: tyro.conf.Positional[Path], spec: Annotated[SceneSpec, F
     """Write a procedural multi-object scene with ground-truth object ids (Blender format)."""
     path = write_scene(out, spec)
     print(f"wrote scene to {path}")
+
+
+@app.command(name="process-images")
+def process_images(source: tyro.conf.Positional[Path], out: Path, num_frames: int = 100, every: int = 0,
+                   blur_threshold: float = 0.3, max_size: int = 1600,
+                   matching: Literal["auto", "exhaustive", "sequential"] = "auto",
+                   camera_model: Literal["SIMPLE_RADIAL", "RADIAL", "OPENCV", "PINHOLE", "SIMPLE_PINHOLE"] = "SIMPLE_RADIAL",
+                   single_camera: bool = True, max_features: int = 8192, min_registered: float = 0.5,
+                   format: Literal["auto", "llff", "nerfstudio", "colmap"] = "auto",
+                   threads: int = 0, seed: int = 0, overwrite: bool = False) -> None:
+    """Pose a folder of photos or a video with structure from motion (pycolmap) and write a scene to train on.
+
+    Example: dfield process-images my_photos/ --out scenes/desk   (then: dfield train scenes/desk)
+
+    Args:
+        source: A folder of photos (png/jpg) or a video file.
+        out: The scene folder to write: images/, sparse/0/, poses_bounds.npy or transforms.json, sfm.json.
+        num_frames: Video: about this many frames, one per equal window of the video.
+        every: Video: one frame per window of this many frames instead (0: use --num-frames).
+        blur_threshold: Video: the sharpest frame of each window is kept; those still below this fraction of
+            the median sharpness are skipped (0 keeps all).
+        max_size: Longest image side for SfM and the scene (larger photos and frames are shrunk; 0: keep).
+        matching: auto: all pairs for photos and videos up to 60 frames, sequential (+ loop pairs) for longer videos.
+        camera_model: COLMAP camera model to estimate (lens distortion is undone in the written images).
+        single_camera: All images share one camera (one phone, one zoom); --no-single-camera: one per image.
+        max_features: SIFT features per image.
+        min_registered: Fail unless at least this fraction of the images (and at least 3) registers.
+        format: Scene file: auto (llff for forward-facing captures, nerfstudio otherwise), llff, nerfstudio,
+            or colmap (sparse/0 only).
+        threads: CPU threads for SfM (0: all).
+        seed: Random seed of SfM (the same seed and threads give the same model).
+        overwrite: Replace a scene already processed in --out.
+    """
+    sfm = SfmOptions(matching=matching, camera_model=camera_model, single_camera=single_camera,
+                     max_features=max_features, threads=threads, seed=seed)
+    opt = CaptureOptions(every=every, num_frames=num_frames, blur_threshold=blur_threshold, max_size=max_size,
+                         min_registered=min_registered, format=format, sfm=sfm)
+    api.process_images(source, out, opt, overwrite=overwrite)
 
 
 @app.command
