@@ -2,7 +2,6 @@
 
     python bench/fit_speed.py                       # lego at 100x100, marks 150/300/600 s, both models
     python bench/fit_speed.py DATA --downscale 1 --marks 60 120 --models grid
-    python bench/fit_speed.py --models grid --budget-runs  # one run per mark, each given that many seconds
 
 Each model is trained once, alone, with the default TrainConfig (only the data, the model and the time
 budget are set) until the last mark. After every step a hook checks whether the training time has
@@ -80,9 +79,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                    help="change TrainConfig settings for the grid model, e.g. grid.shrink_step=150 batch_rays=1024 "
                         "grid.upsample_steps=100,200 (for tuning; the default protocol sets none)")
-    p.add_argument("--budget-runs", action="store_true",
-                   help="train one run per mark with --max-seconds set to the mark (what a user gets from a time budget: the "
-                        "schedule is compressed into it) instead of evaluating one long run at each mark")
     p.add_argument("--profile", action="store_true",
                    help="time the training phases (march, field density/colour, backward, optimiser, schedule...) and "
                         "print them per window of steps (--profile-steps)")
@@ -318,13 +314,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="fit_speed_") as tmp:
         run_root = args.keep_runs or Path(tmp)
         for model in args.models:  # one at a time: they would compete for the cores
-            if args.budget_runs:  # one run per mark, each with that budget; the table shows each run's final model
-                runs = [fit_one(argparse.Namespace(**{**vars(args), "marks": [m]}), model, run_root / f"budget_{m:g}")
-                        for m in args.marks]
-                results[f"{model}, --max-seconds = mark"] = {**runs[-1], "marks": [r["marks"][0] for r in runs],
-                                                              "budget_runs": runs}
-            else:
-                results[model] = fit_one(args, model, run_root)
+            results[model] = fit_one(args, model, run_root)
     comp = comparison(results)
     print_table(args, results, comp)
     out = {

@@ -1,6 +1,7 @@
 """Volume rendering maths, ray marching, the occupancy grid and the VM volume, on small hand-made inputs."""
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -10,8 +11,8 @@ import torch.nn.functional as F
 from dfield.core.rays import Rays
 from dfield.core.rendering import composite, scatter_samples, weights_from_density
 from dfield.core.sampling import OccupancyGrid, march, ray_aabb
-from dfield.fields.tensorf import TensoRFConfig
 from dfield.fields import vm
+from dfield.fields.tensorf import TensoRFConfig
 from dfield.fields.vm import LINE_AXES, PLANE_AXES, VMVolume, _GatherRows, gather_rows
 from dfield.models.grid import GridModel, GridModelConfig
 from dfield.models.nerf import NeRFModel, NeRFModelConfig, _sample_pdf
@@ -465,3 +466,25 @@ def test_sample_pdf_follows_the_weights():
         assert ((t[0] >= 3) & (t[0] <= 4)).float().mean() > 0.9
         assert ((t[1] >= 6) & (t[1] <= 7)).float().mean() > 0.9
         assert (t >= 0).all() and (t <= 8).all()
+
+
+@pytest.mark.parametrize("n", [1, 4095, 4097])
+def test_bf16_colour_mlp_matches_float32_at_any_sample_count(n):
+    """The bf16 colour MLP pads its rows to a fixed multiple (memory, see TensoRFField.color): every row still gets
+    its own colour, within bf16 rounding of the float32 one, and padding rows never leak into the output."""
+    from dfield.fields.tensorf import TensoRFField
+
+    torch.manual_seed(0)
+    aabb = torch.tensor([[-1.0] * 3, [1.0] * 3])
+    f32 = TensoRFField(aabb, (8, 8, 8), dataclasses.replace(TINY_FIELD, mlp_precision="float32"))
+    with torch.no_grad():
+        for v in f32.volumes():
+            v.planes.normal_(0, 0.5), v.lines.normal_(0, 0.5)
+    bf = copy.deepcopy(f32)
+    bf.cfg = dataclasses.replace(f32.cfg, mlp_precision="bfloat16")
+    x, d = torch.rand(n, 3) * 2 - 1, F.normalize(torch.randn(n, 3), dim=-1)
+    ref, out = f32.color(x, d), bf.color(x, d)
+    assert out.shape == (n, 3) and out.dtype == torch.float32
+    assert (out - ref).abs().max() < 2e-2 and (out - ref).abs().max() > 0  # rounded, not silently float32
+    out.sum().backward()  # gradients flow through the padded bf16 path
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in bf.mlp.parameters())

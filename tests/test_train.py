@@ -77,7 +77,9 @@ def test_training_lowers_the_loss_and_writes_a_complete_run(trained_run, tiny_sc
     first, last = sum(r["loss"] for r in log[:2]) / 2, sum(r["loss"] for r in log[-2:]) / 2
     assert last < 0.85 * first, [r["loss"] for r in log]
 
-    assert to_dict(load_config(trained_run / "config.json")) == to_dict(tiny_train_config(tiny_scene))
+    expected = tiny_train_config(tiny_scene)
+    expected.features.smooth = ""  # "auto" is recorded resolved; without a teacher there is nothing to smooth
+    assert to_dict(load_config(trained_run / "config.json")) == to_dict(expected)
     scene = SceneInfo.load(trained_run / "scene.json")
     assert (scene.width, scene.height, len(scene.train_c2w)) == (20, 20, 8)
     assert scene.aabb == [[-1.5] * 3, [1.5] * 3] and 0 < scene.near < scene.far
@@ -246,24 +248,6 @@ def test_max_seconds_stops_early_and_checkpoints(tiny_scene, tiny_train_config, 
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["step"] == trainer.step and meta["seconds"] == pytest.approx(trainer.seconds, abs=0.5)
     assert Trainer.resume(tmp_path / "run").step == trainer.step
-
-
-def test_a_time_budget_decays_the_learning_rates_fully(tiny_scene, tiny_train_config, tmp_path):
-    """--max-seconds with more steps than fit: the learning rates follow the time used, so the run ends decayed (a
-    finished model, not a snapshot of a longer run); the grid's refinements and the shrink stay at their steps."""
-    cfg = tiny_train_config(tiny_scene, iterations=100_000, max_seconds=2.0, checkpoint_every=100_000,
-                            log_every=100_000)
-    trainer = Trainer.create(cfg, tmp_path / "run")
-    assert trainer.run_fraction() == 0.0
-    trainer.train()
-    assert 20 < trainer.step < 100_000 and trainer.seconds >= 2.0
-    assert trainer.model.shrunk and math.prod(trainer.model.field.res) > 2 * 8**3  # shrunk, upsampled twice
-    for g in trainer.optimizer.param_groups:
-        assert g["lr"] / g["initial_lr"] == pytest.approx(cfg.lr_final_ratio, rel=0.1)
-    trainer.seconds = 1.0  # half the budget: half the decay, whatever the step
-    assert trainer.run_fraction() == pytest.approx(0.5)
-    trainer.cfg.max_seconds = 0.0  # no budget: steps alone
-    assert trainer.run_fraction() == pytest.approx(trainer.step / 100_000)
 
 
 # ------------------------------------------------------------------------------ evaluation

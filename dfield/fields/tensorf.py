@@ -47,6 +47,10 @@ class TensoRFConfig:
     the processor has bf16 matrix units (CPUs with AVX512-BF16 or AMX, CUDA GPUs that support bf16)."""
 
 
+BF16_ROWS = 4096
+"""Row multiple the bf16 colour MLP pads its input to (see TensoRFField.color)."""
+
+
 @functools.cache
 def _bf16_matmul_units(device_type: str) -> bool:
     if device_type == "cuda":
@@ -136,9 +140,13 @@ class TensoRFField(nn.Module):
         f = self.app_features(x)
         h = torch.cat([f, positional_encoding(f, self.cfg.feat_freqs, False), positional_encoding(d, self.cfg.view_freqs)], -1)
         if bf16_matmul(h.device, self.cfg.mlp_precision):
+            n = len(h)
+            # Padded to a multiple of BF16_ROWS: oneDNN keeps a bf16 matmul primitive per input shape, and the
+            # sample count changes every step (ragged shapes: peak RSS 3.2 GiB after 400 steps; padded: 0.95 GiB).
+            h = F.pad(h, (0, 0, 0, -n % BF16_ROWS))
             with torch.autocast(h.device.type, dtype=torch.bfloat16):
                 logits = self.mlp(h)
-            return torch.sigmoid(logits.float())
+            return torch.sigmoid(logits[:n].float())
         return torch.sigmoid(self.mlp(h))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

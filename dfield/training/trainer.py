@@ -26,7 +26,13 @@ from dfield.errors import RunError, TrainingDiverged
 from dfield.features.fitting import teacher_targets
 from dfield.features.segmenters import make_segmenter
 from dfield.features.smoothing import SmoothSpec
-from dfield.features.targets import load_targets_record, render_views, save_targets_record, smooth_targets
+from dfield.features.targets import (
+    load_targets_record,
+    render_views,
+    resolve_smooth,
+    save_targets_record,
+    smooth_targets,
+)
 from dfield.features.teachers import cached_features, feature_cache_dir, make_teacher
 from dfield.io.checkpoint import (
     latest_checkpoint,
@@ -51,15 +57,19 @@ Progress = Callable[[str, int, int, dict | None], None]
 
 
 def _check_feature_options(cfg: TrainConfig) -> None:
-    """Bad smoothing / patch settings fail before anything is read or written."""
+    """Bad smoothing / patch settings fail before anything is read or written; "auto" smoothing is resolved (to
+    nothing without a teacher), so the saved config says what the run trains on."""
     f = cfg.features
+    if f.smooth.strip() not in ("", "none", "auto") and not f.teacher:
+        raise RunError("--features.smooth needs a teacher (--features.teacher)")
+    f.smooth = resolve_smooth(f.smooth) if f.teacher else ""
     if f.patch < 0 or f.tv < 0 or f.smooth_sigma <= 0:
         raise RunError(f"--features.patch and --features.tv must be >= 0 and --features.smooth-sigma > 0 "
                        f"(got {f.patch}, {f.tv}, {f.smooth_sigma})")
+    if (f.patch or f.tv) and not f.teacher:
+        raise RunError("--features.patch and --features.tv need a teacher (--features.teacher)")
     if f.tv > 0 and f.patch < 2:
         raise RunError(f"--features.tv {f.tv} regularises rendered patches: set --features.patch to 2 or more")
-    if (f.smooth or f.patch or f.tv) and not f.teacher:
-        raise RunError("--features.smooth, --features.patch and --features.tv need a teacher (--features.teacher)")
     if f.smooth:
         spec = SmoothSpec.parse(f.smooth)  # TeacherError naming the spec
         if spec.kind == "segments":
@@ -78,6 +88,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, data: Dataset, scene: SceneInfo, teacher=None,
                  progress: Progress | None = None):
         self.cfg, self.run_dir, self.data, self.scene = cfg, Path(run_dir), data, scene
+        if cfg.features.smooth in ("auto", "none"):  # a config built in code and handed straight to Trainer
+            cfg.features.smooth = resolve_smooth(cfg.features.smooth) if cfg.features.teacher else ""
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         if cfg.model == "blended":  # photometric training would fit the edit back to the unedited photos
@@ -137,6 +149,8 @@ class Trainer:
         if not (run_dir / "config.json").is_file():
             raise RunError(f"{run_dir}: nothing to resume (no config.json)")
         cfg = load_config(run_dir / "config.json")
+        if cfg.features.smooth == "auto":  # a config written before smoothing had a default trained on raw targets
+            cfg.features.smooth = ""
         if iterations is not None:
             cfg.iterations = iterations
         if max_seconds is not None:
@@ -185,27 +199,14 @@ class Trainer:
         self.step, self.seconds, self.last = meta["step"], meta["seconds"], meta.get("last", {})
 
     # -- training -------------------------------------------------------------------------------
-    def run_fraction(self) -> float:
-        """How far the run is, in [0, 1], for the learning-rate decay: the share of `iterations` done, or of the time
-        budget (`max_seconds`) when that is further on. So `--max-seconds 150` ends with fully decayed learning rates
-        on any machine (a finished model, not a snapshot of a longer run). The model's structural schedule (grid
-        refinements, box shrink) stays in steps: compressing it into a budget spends the budget on a fine grid
-        too early (lego, 150 s: 822 steps and 29.0 dB instead of 1457 steps)."""
-        c = self.cfg
-        p = self.step / max(1, c.iterations)
-        if c.max_seconds > 0:
-            p = max(p, self.seconds / c.max_seconds)
-        return min(p, 1.0)
-
     def _set_lr(self) -> None:
         n, start = max(1, self.cfg.iterations), self.cfg.features.start_step
-        p = self.run_fraction()
         for g in self.optimizer.param_groups:
             if g.get("name", "").startswith("feature_") and start > 0:
-                # Radiance first: the feature branch decays over the rest of the run, from its full rate at start_step.
-                frac = max(0.0, p * n - start) / max(1, n - start)
+                # Radiance first: the feature branch decays over its own steps, from its full rate at start_step.
+                frac = max(0, self.step - start) / max(1, n - start)
             else:
-                frac = p
+                frac = self.step / n
             g["lr"] = g["initial_lr"] * self.cfg.lr_final_ratio ** min(frac, 1.0)
 
     def _restrict_rays_to_box(self) -> None:
