@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=None, help="a trained source run of the seed-0 scene (with features)")
     ap.add_argument("--only", nargs="*", default=["recolor", "remove", "add"])
     ap.add_argument("--steps", type=int, default=GuidedConfig().steps)
+    ap.add_argument("--kinds", nargs="*", default=None, help="edit kinds for every edit (default: each edit's own)")
     ap.add_argument("--docs", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "guided_edit.json")
     args = ap.parse_args()
@@ -121,6 +122,7 @@ def main() -> None:
         variant = ensure_scene(w / f"scene_{name}", **variant_args)
         painted = w / f"painted_{name}"
         p = paint(run, variant, painted)
+        kinds = tuple(args.kinds) if args.kinds else kinds
         cfg = GuidedConfig(kinds=kinds, steps=args.steps)
         where = where_of(scene, oid) if oid is not None else None
         edit = w / f"edit_{name}"

@@ -299,6 +299,16 @@ def test_clip_and_siglip_encoders_from_random_models():
     assert enc.encode_text(["a red cube"]).shape == (1, 32)
 
 
+def test_clip_encoder_loads_a_saved_model_folder(tmp_path):
+    clip, _ = tiny_clip()
+    clip.save_pretrained(tmp_path / "tiny-clip")
+    enc = ClipEncoder(str(tmp_path / "tiny-clip"))  # the loading path users take with --clip FOLDER
+    ref = ClipEncoder.from_model(clip, name="same")
+    img = torch.rand(1, 3, 32, 32)
+    assert torch.allclose(enc.encode_image(img), ref.encode_image(img), atol=1e-5)
+    assert enc.dim == 16 and "tiny-clip" in enc.name
+
+
 def test_clip_weights_that_are_not_there_say_so():
     with pytest.raises(Exception) as e:
         ClipEncoder("/no/such/clip/folder")
