@@ -59,7 +59,13 @@ from dfield.features.encoders import ClipEncoder, DinoEncoder
 from dfield.fields.attention import AttentionField
 from dfield.fields.blended import KINDS, BlendedField, DeformationField, EditField
 from dfield.io.atomic import atomic_path, atomic_write_text
-from dfield.io.checkpoint import latest_checkpoint, load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
+from dfield.io.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    optimizer_tensors,
+    restore_optimizer,
+    save_checkpoint,
+)
 from dfield.io.run import Run, build_model, model_tensors, open_run, save_config
 from dfield.models.blended import BlendConfig, BlendedModel
 from dfield.models.grid import GridModel
@@ -213,8 +219,8 @@ def source_views(renderer, cameras, views, ndc=None, device="cpu") -> dict[int, 
     return out
 
 
-def build_region(run: Run, field, select: Select | None, painted: dict[int, torch.Tensor] | None, kinds, views: list[int],
-                 cfg: GuidedConfig, use_cache: bool = True, device="cpu", progress: Progress | None = None) -> Region:
+def build_region(run: Run, field, select: Select | None, painted: dict[int, torch.Tensor] | None, kinds,
+                 views: list[int], cfg: GuidedConfig, use_cache: bool = True, device="cpu", progress: Progress | None = None) -> Region:
     """The region of a guided edit on `field` (the run's field, or what earlier edits made of it): a 3D attention
     field started from the query's 3D selection (and from the hull of painted pixels where density may be added),
     distilled on the query's relevance maps of `views` (from the run's render cache when `use_cache`)."""
@@ -265,13 +271,15 @@ def build_region(run: Run, field, select: Select | None, painted: dict[int, torc
                 d = data[v]
                 seen = d.acc.reshape(-1)[pix] > 0.5
                 # New matter must lie in front of the surface the painted pixel saw (behind it, it would be hidden).
-                ends.append(torch.where(seen, d.depth.reshape(-1)[pix] + cell, torch.full_like(pix, 1e9, dtype=torch.float32)))
+                far = torch.full_like(pix, 1e9, dtype=torch.float32)
+                ends.append(torch.where(seen, d.depth.reshape(-1)[pix] + cell, far))
                 rays.append(r)
             if not rays:
                 raise EditError("no pixel of the edited views differs from the renders: nothing was painted")
             hull = paint_hull(rays, ends, scene_box, res, settings.near, cell / 2)
             if not hull.any():
-                raise EditError("the painted regions of the edited views do not meet in 3D (paint the same place in each)")
+                raise EditError("the painted regions of the edited views do not meet in 3D "
+                                "(paint the same place in each)")
             hull_sel = VoxelSelection(scene_box, hull.float(), 0.5)
             hull_fn = hull_sel.prob
             boxes.append(selection_bounds(hull_sel, scene_box))
@@ -373,7 +381,8 @@ def constraint_terms(ctx: GuideContext, pools: list[tuple[int, torch.Tensor]], n
 
 def train_edit(ctx: GuideContext, guidance: Guidance, edit: EditField, deform: DeformationField | None, kinds,
                cfg: GuidedConfig, start_step: int = 0, optimizer_state: tuple[dict, list] | None = None,
-               seconds: float = 0.0, on_checkpoint: Callable[[int, torch.optim.Optimizer, float, dict], None] | None = None,
+               seconds: float = 0.0,
+               on_checkpoint: Callable[[int, torch.optim.Optimizer, float, dict], None] | None = None,
                log: Callable[[dict], None] | None = None, progress: Progress | None = None) -> dict:
     """Train the edit (and deformation) fields of `ctx.field` for `cfg.steps` steps (from `start_step`, with a
     saved optimiser state when resuming). Returns the last step's figures; calls `on_checkpoint(step, optimizer,
@@ -500,7 +509,8 @@ def guided_edit(run: Path, out: Path, to: str, where: Select | None = None, cfg:
     ctx = GuideContext(model.as_field(), model.render_settings(), cams, region.views, ndc_of(src.scene), device)
     guidance.prepare(ctx)
     record = {"source": str(run.resolve()), "to": str(to), "guidance": guidance.describe(), "kinds": list(kinds),
-              "where": None if where is None else {k: v for k, v in asdict(where).items() if v not in (None, [], False)},
+              "where": None if where is None else {k: v for k, v in asdict(where).items()
+                                                   if v not in (None, [], False)},
               "views": views, "region": region.stats, "config": asdict(cfg)}
 
     def checkpoint(step_, opt, secs, figs):

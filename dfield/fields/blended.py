@@ -149,7 +149,8 @@ class EditField(nn.Module):
         return self.sample(x, slice(3, None))
 
     def color(self, z: torch.Tensor, c_src: torch.Tensor) -> torch.Tensor:
-        """Latents (N, latent_dim) and source colours (N, 3) -> edit colours (N, 3): sigmoid(logit(c_S) + MLP(z, c_S))."""
+        """Latents (N, latent_dim) and source colours (N, 3) -> edit colours (N, 3):
+        sigmoid(logit(c_S) + MLP(z, c_S))."""
         base = torch.logit(c_src.clamp(1e-4, 1 - 1e-4))
         return torch.sigmoid(base + self.color_mlp(torch.cat([z, c_src], -1)))
 
@@ -199,7 +200,8 @@ class BlendedField:
     """A source field (any dfield.core.rendering.Field) blended with an edit field under an attention field.
 
     `kinds` picks the edit kinds (a subset of KINDS). With "add", density may appear where the source has none:
-    the box grows to the attention's support and the occupancy marks it (or takes `occupancy`, made before). Outside the attention every value is the source's, passed
+    the box grows to the attention's support and the occupancy marks it (or takes `occupancy`, made before).
+    Outside the attention every value is the source's, passed
     through untouched; `touched(x)` says where that is not guaranteed. Features pass through from the source
     (the edit adds no meaning of its own), so queries answer on an edited scene as on the original.
 
@@ -221,8 +223,8 @@ class BlendedField:
         0.0
     """
 
-    def __init__(self, source, edit: EditField, attention: AttentionField, kinds, deform: DeformationField | None = None,
-                 occupancy=None):
+    def __init__(self, source, edit: EditField, attention: AttentionField, kinds,
+                 deform: DeformationField | None = None, occupancy=None):
         kinds = frozenset(kinds)
         if not kinds or not kinds <= set(KINDS):
             raise ValueError(f"edit kinds must be a non-empty subset of {KINDS}, got {sorted(kinds)}")
@@ -233,7 +235,8 @@ class BlendedField:
         if "add" not in kinds:
             self.occupancy = source.occupancy
         else:  # `occupancy`: one made earlier for the same attention (a full-grid pass is not free)
-            self.occupancy = occupancy if occupancy is not None else blended_occupancy(source.occupancy, attention, self.aabb)
+            self.occupancy = occupancy if occupancy is not None else \
+                blended_occupancy(source.occupancy, attention, self.aabb)
         self.features = source.features
         self.selection = _AttentionMask(attention)
 
