@@ -123,7 +123,9 @@ def test_session_click_query_and_edit_round_trip(run, tmp_path):
     out = tmp_path / "edit_out"
     assert main(["edit", str(run), "--spec", str(spec), "--out", str(out), "--no-video"]) == 0
     summary = json.loads((out / "edit.json").read_text())
-    assert summary["edits"] == ["delete"] and summary["locality_max_abs_diff"] == 0.0
+    # Pixels whose rays give the touched region a weight below 0.01 count as untouched (edit.locality.untouched_mask),
+    # so a delete may change them by about that much, never more.
+    assert summary["edits"] == ["delete"] and summary["locality_max_abs_diff"] <= 0.01
 
 
 def test_session_box_cluster_and_saves(run):
