@@ -26,7 +26,7 @@ from dfield.app.cli import main as cli_main
 from dfield.app.launch import launch
 from dfield.core.pixels import PixelRuns
 from dfield.core.rays import RayBatcher
-from dfield.data import load_dataset
+from dfield.data import load_dataset, store
 from dfield.data.dataset import Cameras, Dataset
 from dfield.data.store import release, stored_stack
 from dfield.features.teachers import cached_features, make_teacher
@@ -254,9 +254,10 @@ def _resident_kib(path: Path) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
-def test_ray_batches_leave_no_image_pages_resident(tmp_path):
-    """17 MB of images (1000 views of 64x88): after 100 batches the process holds about one batch's pages of them
-    (the kernel maps up to 64 KB around each page read), not all of them."""
+def test_ray_batches_leave_no_image_pages_resident(tmp_path, monkeypatch):
+    """17 MB of images (1000 views of 64x88) over a resident budget of 4 MB: after 100 batches the process holds
+    about one batch's pages of them (the kernel maps up to 64 KB around each page read), not all of them."""
+    monkeypatch.setattr(store, "RESIDENT_BUDGET_BYTES", 4 << 20)
     n, h, w = 1000, 64, 88
     src = tmp_path / "one.png"
     src.write_bytes(b"x")

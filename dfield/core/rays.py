@@ -12,7 +12,7 @@ import torch
 
 from dfield.core.pixels import PixelRuns
 from dfield.data.dataset import Cameras, Dataset
-from dfield.data.store import release
+from dfield.data.store import trim
 
 
 @dataclass
@@ -111,8 +111,8 @@ class RayBatcher:
     pixels whose rays hit the scene box), which saves work on rays that can only ever see background.
 
     Target colours are read from the dataset's images where they lie, usually a memory map of the on-disk image
-    store (`dfield.data.store`), whose pages are handed back after every batch: memory does not grow with the
-    number of images.
+    store (`dfield.data.store`), whose pages are handed back after every batch (`trim`): memory does not grow with
+    the number of images.
     """
 
     def __init__(self, data: Dataset, batch_size: int, seed: int = 0):
@@ -165,7 +165,7 @@ class RayBatcher:
         """Rays and target colours (R, 3) in [0, 1] of flat pixel ids."""
         rays = dataset_rays(self.data, *pixel_coords(ids, self.data.width, self.data.height))
         colors = self.colors[ids].float() / 255.0
-        release(self.colors)
+        trim(self.colors)
         return rays, colors
 
     def state(self) -> torch.Tensor:

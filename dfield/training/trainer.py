@@ -280,7 +280,7 @@ class Trainer:
                                       fcfg.smooth_mode, progress=self.progress)
         save_targets_record(self.run_dir, self.targets, source, self.step)
 
-    def _missed_rays_feature_loss(self, n: int, jitter: torch.Generator) -> tuple[torch.Tensor, float] | None:
+    def _missed_rays_feature_loss(self, n: int, jitter: torch.Generator | None = None) -> tuple[torch.Tensor, float] | None:
         """Feature loss on rays that miss the shrunk box, which the batcher no longer draws.
 
         Those rays render no samples, so their feature is the decoder applied to zero: without them a feature
@@ -294,7 +294,7 @@ class Trainer:
         missed = self._missed[1]
         if len(missed) == 0:
             return None
-        ids = missed[torch.randint(len(missed), (n,), generator=jitter)]
+        ids = missed[torch.randint(len(missed), (n,), generator=jitter or self.jitter)]
         empty = self.model.decode(torch.zeros(n, self.model.feature_dim, device=self.device))
         return feature_loss(empty, self._teacher_targets(ids), self.cfg.features.loss), len(missed) / self.batcher.n_pixels
 

@@ -6,7 +6,7 @@ as fp16 `.npy` files that the trainer memory-maps and samples ray by ray (`Featu
 
 In a torch.distributed job (`dfield train --nproc N`, torchrun) each process encodes its contiguous share of the
 views into the same file, so N processes fill the cache about N times faster. Maps are written with plain file
-writes and read through a memory map whose pages are handed back after every sample (`dfield.data.store.release`),
+writes and read through a memory map whose pages are handed back after every sample (`dfield.data.store.trim`),
 so neither writing nor sampling keeps the whole cache in a process's memory.
 """
 
@@ -24,7 +24,7 @@ import torch
 
 from dfield.core import ranks
 from dfield.data.dataset import Dataset
-from dfield.data.store import default_cache_dir, open_mapped, release
+from dfield.data.store import default_cache_dir, open_mapped, trim
 from dfield.errors import TeacherError
 from dfield.features.teachers.base import Teacher
 from dfield.io.atomic import atomic_path, atomic_write_text
@@ -93,7 +93,7 @@ class FeatureMaps:
         base = vi * (h * w)
         rows = np.concatenate([base + y0 * w + x0, base + y0 * w + x1, base + y1 * w + x0, base + y1 * w + x1])
         c = torch.from_numpy(np.ascontiguousarray(flat[rows])).float().reshape(4, -1, flat.shape[1])
-        release(self.maps)  # a cache of thousands of views must not end up resident, page by sampled page
+        trim(self.maps)  # a cache of thousands of views must not end up resident, page by sampled page
         out = torch.lerp(torch.lerp(c[0], c[1], fx), torch.lerp(c[2], c[3], fx), fy)
         return out if device is None else out.to(device, non_blocking=True)
 
@@ -106,13 +106,13 @@ def _cache_key(teacher: Teacher, data: Dataset) -> str:
     for i in range(len(data)):
         h.update(np.ascontiguousarray(images[i].numpy()).tobytes())
         if i % 64 == 63:
-            release(images)
-    release(images)
+            trim(images)
+    trim(images)
     if teacher.uses_object_ids and data.object_ids is not None:
         h.update(b"\0ids")
         for i in range(len(data)):
             h.update(np.ascontiguousarray(data.object_ids[i].numpy()).tobytes())
-        release(data.object_ids)
+        trim(data.object_ids)
     h.update(b"\0")
     h.update(teacher.cache_token(data))
     return h.hexdigest()
@@ -157,7 +157,7 @@ def cached_features(teacher: Teacher, data: Dataset, cache_dir: Path, batch: int
 
     def encode(idx: list[int]) -> np.ndarray:
         f = torch.as_tensor(teacher.encode_views(data, idx)).detach().float().cpu()
-        release(data.images)
+        trim(data.images)
         if f.ndim != 4 or f.shape[0] != len(idx):
             raise TeacherError(f"teacher {teacher.name} returned features of shape {tuple(f.shape)} for "
                                f"{len(idx)} images; expected (N, h, w, D)")
