@@ -14,6 +14,7 @@ import pickle
 import queue
 import socket
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +48,29 @@ def _worker(fn: Callable, args: tuple, kwargs: dict, env: dict, results) -> None
         results.put((rank, err, None))
 
 
+def _dead(procs, done: dict, errors: dict) -> dict[int, int]:
+    """Workers that exited with an error code without reporting anything: rank -> exit code."""
+    return {r: p.exitcode for r, p in enumerate(procs)
+            if r not in done and r not in errors and not p.is_alive() and p.exitcode not in (0, None)}
+
+
+def _echo(e: BaseException) -> bool:
+    """Whether `e` is a collective failing because another worker is gone (not a cause of its own)."""
+    text = f"{type(e).__name__} {e}"
+    return any(k in text for k in ("DistBackendError", "Connection closed by peer", "Connection reset by peer",
+                                   "gloo/transport", "NCCL", "Broken pipe"))
+
+
+def _cause(errors: dict[int, BaseException], dead: dict[int, int], nproc: int) -> BaseException:
+    own = [errors[r] for r in sorted(errors) if not _echo(errors[r])]
+    if own:
+        return own[0]
+    if dead:
+        r = min(dead)
+        return RuntimeError(f"worker {r} of {nproc} died (exit code {dead[r]})")
+    return errors[min(errors)]
+
+
 def launch(fn: Callable[..., Any], nproc: int, *args, **kwargs) -> Any:
     """Run `fn(*args, **kwargs)` in `nproc` new local processes forming one torch.distributed job; returns rank 0's
     result, or raises the first error a worker raised (the others are stopped).
@@ -70,18 +94,33 @@ def launch(fn: Callable[..., Any], nproc: int, *args, **kwargs) -> Any:
         p.start()
         procs.append(p)
     done: dict[int, Any] = {}
-    try:
-        while len(done) < nproc:
+    errors: dict[int, BaseException] = {}
+
+    def collect(timeout: float | None) -> None:
+        while True:
             try:
-                rank, err, out = results.get(timeout=0.2)
+                rank, err, out = results.get(timeout=timeout) if timeout else results.get_nowait()
             except queue.Empty:
-                for r, p in enumerate(procs):
-                    if r not in done and not p.is_alive() and p.exitcode not in (0, None):
-                        raise RuntimeError(f"worker {r} of {nproc} died (exit code {p.exitcode})") from None
-                continue
-            if err is not None:
-                raise err
-            done[rank] = out
+                return
+            (errors if err is not None else done)[rank] = err if err is not None else out
+            timeout = None
+
+    try:
+        failed_at = None
+        while len(done) < nproc:
+            collect(0.2)
+            if (errors or _dead(procs, done, errors)) and failed_at is None:
+                failed_at = time.monotonic()
+            # A failure in one worker makes the others fail in their next collective: give them a moment to report,
+            # then name the cause (a worker's own error, or one that died without a word) rather than the echoes.
+            settled = all(r in done or r in errors or not p.is_alive() for r, p in enumerate(procs))
+            if settled:
+                collect(None)  # what the workers sent just before they exited
+            if failed_at is not None and (settled or time.monotonic() - failed_at > 3.0):
+                raise _cause(errors, _dead(procs, done, errors), nproc)
+            if settled and len(done) < nproc and not errors:
+                gone = [r for r in range(nproc) if r not in done]
+                raise RuntimeError(f"worker {gone[0]} of {nproc} exited without a result")
     finally:
         for p in procs:
             if p.is_alive() and len(done) < nproc:
