@@ -206,7 +206,8 @@ def main(argv=None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DFIELD_IMAGE_STORE", str(args.work / "image_store"))
     scenes = make_scenes(args)
-    result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "machine": machine()}
+    result = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "machine": machine()}
     if not args.skip_speed:
         result["speed"] = speed(args, scenes[args.speed_views])
         print(f"\nSpeed and test PSNR, {args.speed_views} views at {args.size} px, {args.n_test} test views:\n")
