@@ -33,6 +33,8 @@ from dfield.errors import RunError
 from dfield.features.distill import Distilled
 from dfield.features.distill import distill as add_features
 from dfield.features.pca import FeaturePCA
+from dfield.io.capture import CaptureOptions
+from dfield.io.capture import process_images as pose_capture
 from dfield.io.export import colorize_depth, save_png, save_video
 from dfield.io.run import load_config, load_eval_data, open_run
 from dfield.io.summary import format_summary as format_run_summary
@@ -292,6 +294,41 @@ def edit(run: Path, spec: Path, out: Path | None = None, path: str = "test", fra
     if export_mesh:
         console.print(f"mesh: {s['mesh']['vertices']} vertices -> {s['mesh']['file']}")
     return s
+
+
+# ----------------------------------------------------------------------------------------------- captures
+
+
+def process_images(source: Path, out: Path, options: CaptureOptions | None = None, overwrite: bool = False,
+                   progress: bool = True) -> dict:
+    """`dfield process-images`: pose a folder of photos or a video with structure from motion and write a scene
+    folder that `dfield train` takes (see dfield.io.capture); prints the summary, returns it (also in
+    OUT/sfm.json)."""
+    with ProgressBars(progress, console) as bars:
+        s = pose_capture(source, out, options, overwrite=overwrite, progress=bars)
+    print(format_capture(s, Path(out)))
+    return s
+
+
+def format_capture(s: dict, out: Path) -> str:
+    """The lines `dfield process-images` prints for its summary `s`."""
+    lines = []
+    if s.get("video"):
+        v = s["video"]
+        lines.append(f"video            {v['frames']} frames at {v['fps']:g} fps: {s['images']} picked (sharpest of "
+                     f"every {v['window']}), {len(v['blurry_skipped'])} skipped as blurry")
+    failed = f"; not registered: {', '.join(s['failed'][:8])}{', ...' if len(s['failed']) > 8 else ''}" if s["failed"] else ""
+    lines += [f"registered       {s['registered']} of {s['images']} images{failed}",
+              f"reprojection     {s['mean_reprojection_error_px']:.3f} px mean ({s['points']} points, "
+              f"{s['matching']} matching of {s['pairs']} pairs, {s['verified_pairs']} verified)",
+              f"camera           {s['camera']['model']} {s['camera']['params']} -> pinhole fx {s['pinhole']['fx']:.1f} "
+              f"at {s['pinhole']['width']}x{s['pinhole']['height']}",
+              f"scene            {s['scene_type']} (views within {s['view_spread_deg']:.0f} deg), written as "
+              f"{s['format']}; near {s['near']:.3g}, far {s['far']:.3g}",
+              f"time             {s['seconds']['total']:.1f} s (features {s['seconds']['features']:.1f}, matching "
+              f"{s['seconds']['matching']:.1f}, mapping {s['seconds']['mapping']:.1f})",
+              f"wrote {out} ({out / 'sfm.json'}); next: dfield train {out}"]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------- looking at runs

@@ -15,6 +15,8 @@ from dfield.config import TrainConfig
 from dfield.data.generate import SceneSpec
 from dfield.data.generate import generate_scene as write_scene
 from dfield.errors import DataError, DfieldError, RunError, TrainingDiverged
+from dfield.io.capture import CaptureOptions
+from dfield.io.sfm import SfmOptions
 from dfield.query.spec import QuerySpec
 
 app = SubcommandApp()
@@ -94,6 +96,44 @@ def generate_scene(out: tyro.conf.Positional[Path], spec: Annotated[SceneSpec, F
     print(f"wrote scene to {path}")
 
 
+@app.command(name="process-images")
+def process_images(source: tyro.conf.Positional[Path], out: Path, num_frames: int = 100, every: int = 0,
+                   blur_threshold: float = 0.3, max_size: int = 1600,
+                   matching: Literal["auto", "exhaustive", "sequential"] = "auto",
+                   camera_model: Literal["SIMPLE_RADIAL", "RADIAL", "OPENCV", "PINHOLE", "SIMPLE_PINHOLE"] = "SIMPLE_RADIAL",
+                   single_camera: bool = True, max_features: int = 8192, min_registered: float = 0.5,
+                   format: Literal["auto", "llff", "nerfstudio", "colmap"] = "auto",
+                   threads: int = 0, seed: int = 0, overwrite: bool = False) -> None:
+    """Pose a folder of photos or a video with structure from motion (pycolmap) and write a scene to train on.
+
+    Example: dfield process-images my_photos/ --out scenes/desk   (then: dfield train scenes/desk)
+
+    Args:
+        source: A folder of photos (png/jpg) or a video file.
+        out: The scene folder to write: images/, sparse/0/, poses_bounds.npy or transforms.json, sfm.json.
+        num_frames: Video: about this many frames, one per equal window of the video.
+        every: Video: one frame per window of this many frames instead (0: use --num-frames).
+        blur_threshold: Video: the sharpest frame of each window is kept; those still below this fraction of
+            the median sharpness are skipped (0 keeps all).
+        max_size: Longest image side for SfM and the scene (larger photos and frames are shrunk; 0: keep).
+        matching: auto: all pairs for photos and videos up to 60 frames, sequential (+ loop pairs) for longer videos.
+        camera_model: COLMAP camera model to estimate (lens distortion is undone in the written images).
+        single_camera: All images share one camera (one phone, one zoom); --no-single-camera: one per image.
+        max_features: SIFT features per image.
+        min_registered: Fail unless at least this fraction of the images (and at least 3) registers.
+        format: Scene file: auto (llff for forward-facing captures, nerfstudio otherwise), llff, nerfstudio,
+            or colmap (sparse/0 only).
+        threads: CPU threads for SfM (0: all).
+        seed: Random seed of SfM (the same seed and threads give the same model).
+        overwrite: Replace a scene already processed in --out.
+    """
+    sfm = SfmOptions(matching=matching, camera_model=camera_model, single_camera=single_camera,
+                     max_features=max_features, threads=threads, seed=seed)
+    opt = CaptureOptions(every=every, num_frames=num_frames, blur_threshold=blur_threshold, max_size=max_size,
+                         min_registered=min_registered, format=format, sfm=sfm)
+    api.process_images(source, out, opt, overwrite=overwrite)
+
+
 @app.command
 def demo(out: Path = Path("demo_out"), seed: int = 0, iterations: int | None = None, features: bool = True) -> None:
     """Generate a scene, train on it, evaluate, render test views and an orbit video, then lift DINOv2 features,
@@ -142,7 +182,7 @@ def query(run: tyro.conf.Positional[Path], text: tuple[str, ...] = (), patch: tu
 @app.command
 def distill(run: tyro.conf.Positional[Path], teacher: str, method: Literal["fit", "lift"] = "fit", iterations: int = 1000,
             dim: int = 32, batch_rays: int = 2048, loss: Literal["l2", "l1"] = "l2", lift_voxels: int = 96**3,
-            smooth: str = "", smooth_on: Literal["renders", "photos"] = "renders",
+            smooth: str = "auto", smooth_on: Literal["renders", "photos"] = "renders",
             smooth_mode: Literal["blur", "mean"] = "blur", smooth_sigma: float = 4.0, patch: int = 0, tv: float = 0.0,
             device: str = "cpu", threads: int = 0) -> None:
     """Add teacher features to a trained run and save them into it (features second, or one-pass lifting).
@@ -156,12 +196,13 @@ def distill(run: tyro.conf.Positional[Path], teacher: str, method: Literal["fit"
         dim: Width of the feature field (fit); a learned linear decoder maps it to the teacher's width.
         batch_rays: Rays per step (fit).
         lift_voxels: Voxels of the lifted grid (lift); only cells a ray reaches are stored, in fp16.
-        smooth: Smoother targets: segments:felzenszwalb|litemedsam|gt|files:FOLDER, or bilateral[:sigma_space=3,...].
+        smooth: Smoother targets: auto (the default, README "Smooth features"), none (raw teacher maps),
+            segments:felzenszwalb|litemedsam|sam:CHECKPOINT|gt|files:FOLDER, or bilateral[:sigma_space=3,...].
         smooth_on: Make masks on the trained field's renders of the training views, or on the photos.
         smooth_mode: Inside a region: Gaussian blur restricted to it, or the region's mean.
         smooth_sigma: Gaussian sigma of segment blur, image pixels.
         patch: Draw fit rays as P x P pixel patches (0: random rays).
-        tv: Weight of total variation on rendered feature patches (needs --patch >= 2).
+        tv: Weight of total variation on rendered feature patches (needs --patch >= 2; 0: none).
         threads: CPU threads for PyTorch (0: PyTorch's default).
     """
     api.distill(run, teacher, method=method, iterations=iterations, dim=dim, batch_rays=batch_rays, loss=loss,

@@ -63,7 +63,8 @@ PATTERNS = ("plain", "stripes", "checker", "dots")
 @dataclass
 class SceneSpec:
     """What `generate_scene` renders: seed (layout, light, cameras), views per split, image size, object count
-    and the cameras' field of view, distance and elevation range."""
+    and the cameras' field of view, distance and elevation range; `texture` > 0 adds procedural noise to every
+    surface (multiplies albedo by 1 +- 1.5 texture x noise), the detail feature matching needs."""
 
     seed: int = 0
     n_train: int = 60
@@ -79,6 +80,7 @@ class SceneSpec:
     radius_max: float = 4.0
     elevation_min_deg: float = 15.0
     elevation_max_deg: float = 60.0
+    texture: float = 0.0  # 0..1: multiply every surface by procedural noise (features for structure from motion)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,13 +374,37 @@ def _rays(c2w, focal, width, height, ss):
     return np.broadcast_to(c2w[:3, 3], d.shape), d
 
 
-def _render(objects, light, c2w, focal, width, height, ss):
+def _noise(p, seed, octaves=(5.0, 11.0, 23.0, 47.0)):
+    """Value noise in [0, 1] at world points (N, 3): hashed lattice values, trilinearly interpolated, averaged over
+    lattice frequencies (cells per unit) so features show at every image scale. Fixed by the seed."""
+    total = np.zeros(len(p))
+    for k, freq in enumerate(octaves):
+        q = p * freq
+        base = np.floor(q).astype(np.int64)
+        f = q - base
+        f = f * f * (3 - 2 * f)  # smoothstep: no creases along the lattice
+        for corner in range(8):
+            c = np.array([(corner >> a) & 1 for a in range(3)])
+            h = ((base + c).astype(np.uint64) * np.array([73856093, 19349663, 83492791], np.uint64)).sum(1)
+            h ^= np.uint64(seed * 2654435761 + k * 40503 + 1)
+            h = (h ^ (h >> np.uint64(29))) * np.uint64(0xBF58476D1CE4E5B9)  # splitmix-style mixing
+            h ^= h >> np.uint64(32)
+            w = np.prod(np.where(c == 1, f, 1 - f), axis=1)
+            total += w * (h & np.uint64(0xFFFF)).astype(np.float64) / 0xFFFF
+    return total / len(octaves)
+
+
+def _render(objects, light, c2w, focal, width, height, ss, texture=0.0, seed=0):
     """(H, W, 4) uint8 RGBA with straight alpha, and (H, W) uint8 ids of the pixel-centre rays."""
     o, d = _rays(c2w, focal, width, height, ss)
     t, ids = _trace(objects, o, d)
     hit = ids > 0
     color = np.zeros((len(d), 3))
     color[hit] = _shade(objects, light, o[hit], d[hit], t[hit], ids[hit])
+    if texture > 0:  # multiplies albedo (shading is linear in it); stretched so neighbouring cells differ clearly
+        n = _noise(o[hit] + t[hit, None] * d[hit], seed)
+        color[hit] *= np.clip(1 + texture * 3 * (n - 0.5), 0.1, 2.0)[:, None]
+        color = np.clip(color, 0, 1)
     premult = color.reshape(height, ss, width, ss, 3).mean((1, 3))
     alpha = hit.reshape(height, ss, width, ss).mean((1, 3))
     rgb = premult / np.maximum(alpha, 1e-12)[..., None]
@@ -446,7 +472,8 @@ def generate_scene(out_dir, spec: SceneSpec | None = None) -> Path:
         (out / name).mkdir(parents=True, exist_ok=True)
         frames = []
         for i, c2w in enumerate(cams):
-            rgba, ids = _render(objects, light, c2w, focal, spec.width, spec.height, spec.supersample)
+            rgba, ids = _render(objects, light, c2w, focal, spec.width, spec.height, spec.supersample, spec.texture,
+                                spec.seed)
             Image.fromarray(rgba, "RGBA").save(out / name / f"r_{i}.png")
             Image.fromarray(ids, "L").save(out / name / f"id_{i}.png")
             frames.append({"file_path": f"./{name}/r_{i}", "transform_matrix": _round(c2w),

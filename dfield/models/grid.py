@@ -141,14 +141,15 @@ class GridModel(Model):
 
     @property
     def feature_dim(self) -> int:
+        """Width of the rendered features (before `decode`)."""
         if self.lifted is not None:
             return self.lifted.grid.shape[1]
         return self.decoder.in_features if self.decoder is not None else 0
 
     def decode(self, rendered: torch.Tensor) -> torch.Tensor:
-        """Rendered features -> teacher space (lifted features already are)."""
+        """Rendered features -> teacher space (lifted features are, or are coordinates in a basis of it)."""
         if self.lifted is not None:
-            return rendered
+            return self.lifted.decode(rendered)
         if self.decoder is None:
             return super().decode(rendered)
         return self.decoder(rendered)
@@ -235,7 +236,8 @@ class GridSceneField:
         self.density = model.field.density
         self.color = model.field.color
         if model.lifted is not None:
-            self.features = model.lifted
+            lifted = model.lifted
+            self.features = (lambda x: lifted.decode(lifted(x))) if decoded and lifted.basis is not None else lifted
         elif model.field.feature_vol is None:
             self.features = None
         elif decoded:

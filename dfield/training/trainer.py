@@ -31,7 +31,13 @@ from dfield.errors import RunError, TrainingDiverged
 from dfield.features.fitting import teacher_targets
 from dfield.features.segmenters import make_segmenter
 from dfield.features.smoothing import SmoothSpec
-from dfield.features.targets import load_targets_record, render_views, save_targets_record, smooth_targets
+from dfield.features.targets import (
+    load_targets_record,
+    render_views,
+    resolve_smooth,
+    save_targets_record,
+    smooth_targets,
+)
 from dfield.features.teachers import cached_features, feature_cache_dir, make_teacher
 from dfield.io.checkpoint import (
     latest_checkpoint,
@@ -57,15 +63,19 @@ Progress = Callable[[str, int, int, dict | None], None]
 
 
 def _check_feature_options(cfg: TrainConfig) -> None:
-    """Bad smoothing / patch settings fail before anything is read or written."""
+    """Bad smoothing / patch settings fail before anything is read or written; "auto" smoothing is resolved (to
+    nothing without a teacher), so the saved config says what the run trains on."""
     f = cfg.features
+    if f.smooth.strip() not in ("", "none", "auto") and not f.teacher:
+        raise RunError("--features.smooth needs a teacher (--features.teacher)")
+    f.smooth = resolve_smooth(f.smooth) if f.teacher else ""
     if f.patch < 0 or f.tv < 0 or f.smooth_sigma <= 0:
         raise RunError(f"--features.patch and --features.tv must be >= 0 and --features.smooth-sigma > 0 "
                        f"(got {f.patch}, {f.tv}, {f.smooth_sigma})")
+    if (f.patch or f.tv) and not f.teacher:
+        raise RunError("--features.patch and --features.tv need a teacher (--features.teacher)")
     if f.tv > 0 and f.patch < 2:
         raise RunError(f"--features.tv {f.tv} regularises rendered patches: set --features.patch to 2 or more")
-    if (f.smooth or f.patch or f.tv) and not f.teacher:
-        raise RunError("--features.smooth, --features.patch and --features.tv need a teacher (--features.teacher)")
     if f.smooth:
         spec = SmoothSpec.parse(f.smooth)  # TeacherError naming the spec
         if spec.kind == "segments":
@@ -84,6 +94,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, data: Dataset, scene: SceneInfo, teacher=None,
                  progress: Progress | None = None, n_streams: int | None = None):
         self.cfg, self.run_dir, self.data, self.scene = cfg, Path(run_dir), data, scene
+        if cfg.features.smooth in ("auto", "none"):  # a config built in code and handed straight to Trainer
+            cfg.features.smooth = resolve_smooth(cfg.features.smooth) if cfg.features.teacher else ""
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         self.device = torch.device(cfg.device)
@@ -147,6 +159,8 @@ class Trainer:
         if not (run_dir / "config.json").is_file():
             raise RunError(f"{run_dir}: nothing to resume (no config.json)")
         cfg = load_config(run_dir / "config.json")
+        if cfg.features.smooth == "auto":  # a config written before smoothing had a default trained on raw targets
+            cfg.features.smooth = ""
         if iterations is not None:
             cfg.iterations = iterations
         if max_seconds is not None:

@@ -66,6 +66,7 @@ class Viewer:
         self.verbose = verbose
         self.errors: list[str] = []
         self.clients: dict[int, _Client] = {}
+        self._prepared: set[ViewerSession] = set()
         self._lock = threading.Lock()
         self.server = viser.ViserServer(host=host, port=port, label="dfield", verbose=False)
         self.host, self.port = host, self.server.get_port()
@@ -129,9 +130,17 @@ class Viewer:
         state.frame = frame
         if level == len(self.levels) - 1:
             state.full = frame
+            self._prepare_queries()
         self._draw(state)
         if state.first_frame_s is None:
             state.first_frame_s = time.perf_counter() - state.connected
+
+    def _prepare_queries(self) -> None:
+        """Once the first full frame is up, compute in the background what the first click on this run needs."""
+        session = self.session
+        if session not in self._prepared:
+            self._prepared.add(session)
+            threading.Thread(target=session.prepare_queries, name="dfield-prepare", daemon=True).start()
 
     @staticmethod
     def _current(state: _Client) -> Frame | None:
