@@ -8,6 +8,7 @@ The multi-process tests start real worker processes (`dfield.app.launch`, and to
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ from dfield.core.rays import RayBatcher
 from dfield.data import load_dataset, store
 from dfield.data.dataset import Cameras, Dataset
 from dfield.data.store import release, stored_stack
+from dfield.errors import DataError, DfieldError
 from dfield.features.teachers import cached_features, make_teacher
 from dfield.io.checkpoint import latest_checkpoint
 from dfield.io.run import load_eval_data, open_run
@@ -275,3 +277,40 @@ def test_ray_batches_leave_no_image_pages_resident(tmp_path, monkeypatch):
     kept = _resident_kib(path)
     assert images.sum().item() > 0 and _resident_kib(path) > 0.9 * total_kib  # read it all: all resident
     assert kept < 0.4 * total_kib, f"{kept} KiB of {total_kib} KiB resident after sampling"
+
+
+def test_a_full_disk_is_named_not_a_traceback(make_blender, tmp_path, monkeypatch, capsys):
+    """The image store's disk: too little free space is found before decoding, and a write that still fails for
+    lack of space names the folder and the setting that moves it; nothing half-written is left."""
+    scene = make_blender(n=3)
+    folder = tmp_path / "store"
+    monkeypatch.setenv("DFIELD_IMAGE_STORE", str(folder))
+    real = shutil.disk_usage
+    monkeypatch.setattr(store.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    with pytest.raises(DfieldError, match=r"store: decoded images .* need .* MiB free.*DFIELD_IMAGE_STORE"):
+        load_dataset(scene, "train")
+    assert cli_main(["train", str(scene), "--out", str(tmp_path / "run"), "--no-eval"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "DFIELD_IMAGE_STORE" in err[0], err
+    monkeypatch.setattr(store.shutil, "disk_usage", real)
+
+    def full(path, shape, dtype, n, decode):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "_write_npy", full)
+    with pytest.raises(DfieldError, match=r"disk full while writing decoded images .*DFIELD_IMAGE_STORE"):
+        load_dataset(scene, "train")
+    assert list(folder.iterdir()) == []
+
+
+def test_a_bad_image_leaves_nothing_in_the_store(make_blender, tmp_path, monkeypatch):
+    """A truncated image (its header reads, its pixels do not) found while the store is being written: the error
+    names it and the half-written array is removed."""
+    scene = make_blender(n=3, width=32, height=32)
+    monkeypatch.setenv("DFIELD_IMAGE_STORE", str(tmp_path / "store"))
+    png = scene / "train" / "r_2.png"
+    png.write_bytes(png.read_bytes()[:len(png.read_bytes()) // 2])
+    with pytest.raises(DataError, match="r_2.png"):
+        load_dataset(scene, "train")
+    assert (tmp_path / "store").is_dir() and list((tmp_path / "store").iterdir()) == []

@@ -22,6 +22,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from dfield.errors import RunError
+
 T = TypeVar("T")
 
 
@@ -141,7 +143,12 @@ def session(device: str = "cpu", timeout_minutes: float = 30.0) -> Iterator[str]
     if launched_world() > 1 and not active():
         cuda = str(device).startswith("cuda")
         if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+            if local >= gpus:  # nccl needs a GPU of its own per process
+                raise RunError(f"{launched_world()} processes on CUDA need one GPU each, but process {local} on this "
+                               f"machine has {gpus} GPU{'s' if gpus != 1 else ''} to pick from; use --nproc {gpus} "
+                               "(--nproc-per-node with torchrun) or --device cpu")
+            torch.cuda.set_device(local)
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
         joined = True
         if not cuda and "OMP_NUM_THREADS" not in os.environ:

@@ -20,9 +20,11 @@ arrays that fit the budget keep their pages (releasing costs 2 ms and re-reading
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import mmap
 import os
+import shutil
 import tempfile
 import warnings
 import weakref
@@ -32,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dfield.errors import DataError
+from dfield.errors import DataError, DfieldError
 
 STORE_FORMAT = 1  # bump when the layout or the key recipe changes
 
@@ -118,6 +120,27 @@ def trim(x) -> bool:
     return arr is not None and arr.nbytes > RESIDENT_BUDGET_BYTES and release(arr)
 
 
+def check_free_space(folder: Path, needed: int, what: str, moved_by: str) -> None:
+    """Raise DfieldError naming `folder` when its disk has less than `needed` bytes free for `what`; `moved_by` is
+    the setting that puts `what` elsewhere. Nothing when the free space cannot be read."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < needed:
+        raise DfieldError(f"{folder}: {what} need {needed / 2**20:.0f} MiB but the disk has {free / 2**20:.0f} MiB free; "
+                        f"free some space or set {moved_by} to a folder on a disk with room")
+
+
+def no_space(e: OSError, folder: Path, what: str, moved_by: str) -> OSError | DfieldError:
+    """The DfieldError to raise for a write that failed with `e`: a full disk or quota names `folder` and `moved_by`;
+    any other error is returned as it is."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DfieldError(f"{folder}: disk full while writing {what} ({e.strerror}); free some space or set "
+                         f"{moved_by} to a folder on a disk with room")
+    return e
+
+
 def _write_npy(path: str, shape: tuple, dtype, n: int, decode: Callable[[int], np.ndarray]) -> None:
     dtype = np.dtype(dtype)
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
@@ -159,12 +182,17 @@ def stored_stack(files: Sequence[Path], shape: tuple, dtype, decode: Callable[[i
         warnings.warn(f"cannot write decoded images to {folder} ({e}); keeping them in memory", stacklevel=3)
         return torch.from_numpy(np.stack([np.asarray(decode(i), dtype=dtype) for i in range(n)]).reshape(shape))
     # io.atomic's helper sits in a higher layer; this is the same write-then-rename, without the fsync (a cache).
+    what, moved_by = f"decoded images ({n} x {' x '.join(map(str, shape[1:]))})", "DFIELD_IMAGE_STORE"
     try:
+        check_free_space(folder, int(np.prod(shape)) * np.dtype(dtype).itemsize + (64 << 20), what, moved_by)
         _write_npy(tmp, shape, dtype, n, decode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        err = no_space(e, folder, what, moved_by) if isinstance(e, OSError) else e
+        if err is not e:
+            raise err from None
         raise
     return torch.from_numpy(open_mapped(path))
 

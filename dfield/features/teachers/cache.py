@@ -24,7 +24,7 @@ import torch
 
 from dfield.core import ranks
 from dfield.data.dataset import Dataset
-from dfield.data.store import default_cache_dir, open_mapped, trim
+from dfield.data.store import check_free_space, default_cache_dir, no_space, open_mapped, trim
 from dfield.errors import TeacherError
 from dfield.features.teachers.base import Teacher
 from dfield.io.atomic import atomic_path, atomic_write_text
@@ -186,14 +186,23 @@ def cached_features(teacher: Teacher, data: Dataset, cache_dir: Path, batch: int
                 if tuple(f.shape[1:]) != shape:
                     raise TeacherError(f"teacher {teacher.name} returned {tuple(f.shape[1:])} maps for views "
                                        f"{idx[0]}..{idx[-1]} but {shape} before; every view must match")
-                os.pwrite(fd, np.ascontiguousarray(f).tobytes(), offset + idx[0] * view_bytes)
+                try:
+                    os.pwrite(fd, np.ascontiguousarray(f).tobytes(), offset + idx[0] * view_bytes)
+                except OSError as e:
+                    err = no_space(e, cache_dir, what, moved_by)
+                    if err is not e:
+                        raise err from None
+                    raise
                 if progress is not None:
                     progress(f"teacher {teacher.name}", idx[-1] + 1 - mine.start, len(mine), None)
         finally:
             os.close(fd)
 
+    what, moved_by = f"teacher features ({n} x {' x '.join(map(str, shape))} fp16)", "DFIELD_CACHE_DIR"
     if ranks.is_main():
         cache_dir.mkdir(parents=True, exist_ok=True)
+        # The file is made at full size but sparse: a full disk would otherwise surface as an OSError deep in a write.
+        check_free_space(cache_dir, n * view_bytes + (64 << 20), what, moved_by)
         with atomic_path(npy) as tmp:
             with open(tmp, "wb") as fh:  # the header, then the file at its full size for every process to fill
                 header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
