@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 import tyro
 
+from dfield.models.blended import BlendConfig
 from dfield.models.grid import GridModelConfig
 from dfield.models.nerf import NeRFModelConfig
 
@@ -81,10 +82,13 @@ class TrainConfig:
 
     data: Annotated[DataConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=DataConfig)
     model: Literal["grid", "nerf"] = "grid"
-    """grid: factorised TensoRF-style field (fast on a CPU); nerf: the original PE-MLP NeRF (reference)."""
+    """grid: factorised TensoRF-style field (fast on a CPU); nerf: the original PE-MLP NeRF (reference).
+    ("blended": a guided edit's run, written by `dfield guide-edit`; not trained with `dfield train`.)"""
     grid: GridModelConfig = field(default_factory=GridModelConfig)
     nerf: NeRFModelConfig = field(default_factory=NeRFModelConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
+    blend: tyro.conf.Suppress[BlendConfig] = field(default_factory=BlendConfig)
+    """A guided edit's fields (model "blended" only; set by `dfield guide-edit`)."""
     iterations: int = 4500
     batch_rays: int = 1024
     """Rays per step. 1024 x 4500 steps beat 2048 x 3000 at every 150/300/600 s mark of bench/fit_speed.py on lego

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from dfield.core.rays import Rays
 from dfield.core.rendering import composite, scatter_samples, weights_from_density
 from dfield.core.sampling import OccupancyGrid, march, ray_aabb
-from dfield.fields.tensorf import TensoRFConfig
 from dfield.fields import vm
+from dfield.fields.tensorf import TensoRFConfig
 from dfield.fields.vm import LINE_AXES, PLANE_AXES, VMVolume, _GatherRows, gather_rows
 from dfield.models.grid import GridModel, GridModelConfig
 from dfield.models.nerf import NeRFModel, NeRFModelConfig, _sample_pdf

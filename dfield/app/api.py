@@ -29,6 +29,8 @@ from dfield.core import ranks
 from dfield.core.camera_paths import orbit_path, spiral_path
 from dfield.core.image_rendering import ndc_of, render_image
 from dfield.edit.apply import apply_edits
+from dfield.edit.guided import GuidedConfig, guided_edit
+from dfield.edit.spec import parse_where
 from dfield.errors import RunError
 from dfield.features.distill import Distilled
 from dfield.features.distill import distill as add_features
@@ -293,6 +295,40 @@ def edit(run: Path, spec: Path, out: Path | None = None, path: str = "test", fra
         console.print(f"{k}: selection matches '{v['object']}' with IoU {v['iou']:.3f} (ground truth, {s['views']} views)")
     if export_mesh:
         console.print(f"mesh: {s['mesh']['vertices']} vertices -> {s['mesh']['file']}")
+    return s
+
+
+def guide_edit(run: Path, to: str, out: Path, where: str | None = None, cfg: GuidedConfig | None = None,
+               clip: str | None = None, source_text: str = "a photo of an object", eval_scene: Path | None = None,
+               resume: bool = False, overwrite: bool = False, device: str = "cpu", progress: bool = True) -> dict:
+    """`dfield guide-edit`: train a guided edit of `run` (region `where`, target `to`) into the run folder `out`,
+    evaluate it and print the figures; see dfield.edit.guided.guided_edit."""
+    select = parse_where(where) if where else None
+    with ProgressBars(progress, console) as bars:
+        s = guided_edit(run, out, to, select, cfg, clip=clip, source_text=source_text, resume=resume,
+                        overwrite=overwrite, eval_scene=eval_scene, device=device, progress=bars)
+    reg = s["region"]
+    console.print(f"{s['guidance']['guidance']} guidance, kinds {', '.join(s['kinds'])}: {s['steps']} steps in "
+                  f"{s['train_seconds']:.1f} s (region {reg['seconds']:.1f} s, total {s['total_seconds']:.1f} s)",
+                  highlight=False)
+    att = reg.get("attention", {})
+    if att.get("steps"):
+        console.print(f"attention: {att['steps']} distillation steps, rendered attention vs relevance IoU "
+                      f"{att['iou']:.3f}", highlight=False)
+    figures = [("preservation PSNR outside the region", "preserve_psnr", "dB"),
+               ("preservation PSNR outside the object", "preserve_psnr_outside_object", "dB"),
+               ("edited-view PSNR inside the object", "target_psnr_inside", "dB"),
+               ("  unedited source against the target there", "source_psnr_inside", "dB"),
+               ("  source against its own photos there", "source_fit_psnr_inside", "dB"),
+               ("opacity left in the removed object (mean)", "object_opacity_mean", ""),
+               ("IoU of the added matter with the target", "added_iou", ""),
+               ("CLIP directional score", "clip_directional", "")]
+    for label, key, unit in figures:
+        if s.get(key) is not None:
+            v = s[key]
+            console.print(f"{label:44s} {v if isinstance(v, str) else f'{v:.3f}'} {unit}", highlight=False)
+    console.print(f"wrote {out} (render, eval, query, edit and view open it); figures in {Path(out) / 'guide.json'}",
+                  highlight=False)
     return s
 
 

@@ -14,6 +14,7 @@ from dfield.app.demo import demo as run_demo
 from dfield.config import TrainConfig
 from dfield.data.generate import SceneSpec
 from dfield.data.generate import generate_scene as write_scene
+from dfield.edit.guided import GuidedConfig
 from dfield.errors import DataError, DfieldError, RunError, TrainingDiverged
 from dfield.io.capture import CaptureOptions
 from dfield.io.sfm import SfmOptions
@@ -229,6 +230,32 @@ def edit(run: tyro.conf.Positional[Path], spec: Path, out: Path | None = None, p
     """
     api.edit(run, spec, out=out, path=path, frames=frames, every=every, video=video, export_mesh=export_mesh,
              mesh_resolution=mesh_resolution, mesh_opacity=mesh_opacity, device=device)
+
+
+@app.command(name="guide-edit")
+def guide_edit(run: tyro.conf.Positional[Path], to: str, out: Path, cfg: Annotated[GuidedConfig, Flat],
+               where: str | None = None, clip: str | None = None, source_text: str = "a photo of an object",
+               eval_scene: Path | None = None, resume: bool = False, overwrite: bool = False,
+               device: str = "cpu") -> None:
+    """Train a guided local edit: the run stays frozen, a small edit field blended with it learns to make the region
+    what --to says; writes a run folder that render, eval, query, edit and view open.
+
+    Example: dfield guide-edit runs/toy --where click:3,40,58 --to painted/ --out runs/toy-green
+
+    Args:
+        to: What the region becomes: a folder of edited views (training renders you painted, named by view, e.g.
+            rgb_007.png from dfield render RUN --path train), an exemplar image, color:R,G,B, or a text (CLIP).
+        out: The edit's run folder.
+        where: The region: patch:VIEW,X0,Y0,X1,Y1, click:VIEW,X,Y, text:WORDS, box:X0,Y0,Z0,X1,Y1,Z1 or a query
+            file saved by the viewer. Optional with edited views (the painted pixels say where).
+        clip: CLIP / SigLIP weights for text guidance: hub name or local folder (default openai/clip-vit-base-patch16).
+        source_text: Text guidance: what the region is now (the directional loss's reference).
+        eval_scene: A generated scene variant (generate-scene --recolor / --remove / --add-sphere) to score against.
+        resume: Continue an interrupted edit in --out from its last checkpoint.
+        overwrite: Start over in an existing --out.
+    """
+    api.guide_edit(run, to, out, where=where, cfg=cfg, clip=clip, source_text=source_text, eval_scene=eval_scene,
+                   resume=resume, overwrite=overwrite, device=device)
 
 
 @app.command

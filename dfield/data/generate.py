@@ -81,6 +81,10 @@ class SceneSpec:
     elevation_min_deg: float = 15.0
     elevation_max_deg: float = 60.0
     texture: float = 0.0  # 0..1: multiply every surface by procedural noise (features for structure from motion)
+    # Variants of the same scene (same layout, light and cameras), the ground truth of guided edits:
+    recolor: tuple[float, ...] = ()  # (ID, R, G, B): object ID takes this colour (its pattern keeps its shade)
+    remove: int = 0  # object ID is left out
+    add_sphere: tuple[float, ...] = ()  # (X, Y, Z, RADIUS, R, G, B): one more (plain) sphere, id n_objects + 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,6 +445,33 @@ def _near_far(c2ws):
     return math.floor(max(near, 0.05) * 100) / 100, math.ceil(far * 100) / 100
 
 
+def _variant(objects: list, spec: SceneSpec) -> dict:
+    """Apply the spec's recolour / removal / added sphere to the laid-out objects (in place); what changed."""
+    out = {}
+    ids = [o.id for o in objects]
+    if spec.recolor:
+        if len(spec.recolor) != 4 or int(spec.recolor[0]) not in ids or not all(0 <= c <= 1 for c in spec.recolor[1:]):
+            raise ValueError(f"recolor is (ID, R, G, B) with ID one of {ids} and colours in [0, 1], got {spec.recolor}")
+        obj = objects[ids.index(int(spec.recolor[0]))]
+        obj.color = np.array(spec.recolor[1:], dtype=float)
+        out["recolor"] = {"id": obj.id, "color": _round(obj.color)}
+    if spec.remove:
+        if spec.remove not in ids:
+            raise ValueError(f"remove names an object id, one of {ids}; got {spec.remove}")
+        objects[:] = [o for o in objects if o.id != spec.remove]
+        out["remove"] = {"id": spec.remove}
+    if spec.add_sphere:
+        if len(spec.add_sphere) != 7 or spec.add_sphere[3] <= 0 or not all(0 <= c <= 1 for c in spec.add_sphere[4:]):
+            raise ValueError(f"add_sphere is (X, Y, Z, RADIUS, R, G, B), radius > 0, colours in [0, 1]; got {spec.add_sphere}")
+        x, y, z, r = spec.add_sphere[:4]
+        new_id = spec.n_objects + 2
+        objects.append(_Object(id=new_id, name="added sphere", shape="sphere", color=np.array(spec.add_sphere[4:], float),
+                               pattern="plain", period=0.1, center=np.array([x, y, z], float), yaw=0.0,
+                               params={"radius": float(r)}, footprint=float(r)))
+        out["add"] = {"id": new_id, "center": _round([x, y, z]), "radius": float(r)}
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -457,6 +488,7 @@ def generate_scene(out_dir, spec: SceneSpec | None = None) -> Path:
     if not 0 <= spec.shared_colors < spec.n_objects:
         raise ValueError(f"shared_colors must be 0..n_objects-1 ({spec.n_objects - 1}), got {spec.shared_colors}")
     objects = _layout(spec.n_objects, rng, spec.shared_colors)
+    variant = _variant(objects, spec)  # after the layout: the random draws below stay the same
     azimuth, elevation = rng.uniform(0, 2 * math.pi), rng.uniform(math.radians(40), math.radians(60))
     light = np.array([math.cos(elevation) * math.cos(azimuth), math.cos(elevation) * math.sin(azimuth),
                       math.sin(elevation)])
@@ -487,5 +519,7 @@ def generate_scene(out_dir, spec: SceneSpec | None = None) -> Path:
               "pattern_period": GROUND_TILE}
     info = {"objects": [ground] + [obj.to_json() for obj in objects], "background_id": 0,
             "light": {"direction": _round(light), "ambient": AMBIENT, "diffuse": DIFFUSE}, "spec": asdict(spec)}
+    if variant:
+        info["variant"] = variant
     (out / "objects.json").write_text(json.dumps(info, indent=2) + "\n")
     return out

@@ -34,7 +34,13 @@ from dfield.errors import DataError
 from dfield.io.atomic import atomic_write_text
 from dfield.io.export import save_ply
 from dfield.io.frames import extract_frames, is_video, list_photos, prepare_photos, save_image
-from dfield.io.scene_writer import OPENCV_FROM_OPENGL, PosedScene, write_colmap_text, write_poses_bounds, write_transforms
+from dfield.io.scene_writer import (
+    OPENCV_FROM_OPENGL,
+    PosedScene,
+    write_colmap_text,
+    write_poses_bounds,
+    write_transforms,
+)
 from dfield.io.sfm import SfmOptions, SfmResult, run_sfm
 
 Progress = Callable[[str, int, int, dict | None], None]

@@ -14,7 +14,6 @@ Everything runs on the CPU (pycolmap's PyPI wheels have no CUDA). COLMAP's own l
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field

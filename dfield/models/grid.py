@@ -42,10 +42,11 @@ class GridModelConfig:
     """Shrink the box to the occupied region here: the same voxel budget then buys a finer resolution."""
     occupancy_threshold: float = 1e-4
     occupancy_max_res: int = 160
-    step_ratio: float = 0.5
-    """Sample spacing along rays, in voxels."""
-    weight_threshold: float = 1e-4
-    """Samples with a smaller rendering weight skip the colour branch."""
+    step_ratio: float = 0.7
+    """Sample spacing along rays, in voxels. 0.7 with weight_threshold 1e-3 (was 0.5 and 1e-4): lego 100 px 31.92 /
+    33.25 dB at 150 / 300 s instead of 30.67 / 32.62, measured side by side (README "Measured figures")."""
+    weight_threshold: float = 1e-3
+    """Samples with a smaller rendering weight skip the colour and feature branches."""
     lr_grid: float = 0.02
     lr_network: float = 1e-3
     l1_weight_init: float = 8e-5

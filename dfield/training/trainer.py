@@ -98,6 +98,8 @@ class Trainer:
             cfg.features.smooth = resolve_smooth(cfg.features.smooth) if cfg.features.teacher else ""
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
+        if cfg.model == "blended":  # photometric training would fit the edit back to the unedited photos
+            raise RunError(f"{run_dir} is a guided edit (dfield guide-edit); it is not trained with dfield train/resume")
         self.device = torch.device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, scene).to(self.device)

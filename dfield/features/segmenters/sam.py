@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from dfield.errors import TeacherError
-from dfield.features.segmenters.base import Segmenter, SegmentInputs, masks_to_labels
+from dfield.features.segmenters.base import Segmenter, SegmentInputs, masks_to_labels, stand_in_modules
 
 # The encoder width of each SAM image encoder: how a checkpoint's architecture is recognised.
 MODEL_TYPES = {"vit_b": 768, "vit_l": 1024, "vit_h": 1280}
@@ -97,20 +97,17 @@ def _import_segment_anything():
     try:
         import torchvision.ops.boxes  # noqa: F401  (lazy: optional; only batched_nms and box_area are used)
         import torchvision.transforms.functional  # noqa: F401
-        added = {}
+        stand_ins = {}
     except Exception:
         for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
             sys.modules.pop(name)  # a half-imported torchvision must not shadow the stand-ins
-        added = {k: v for k, v in _torchvision_stand_ins().items() if k not in sys.modules}
-        sys.modules.update(added)
+        stand_ins = _torchvision_stand_ins()
     try:
-        import segment_anything  # lazy: optional package
+        with stand_in_modules(stand_ins):
+            import segment_anything  # lazy: optional package
     except ImportError as e:
         raise TeacherError(f"the sam segmenter needs segment-anything ({e}); install it with "
                            "`pip install segment-anything==1.0` (scripts/setup.sh does)") from None
-    finally:
-        for name in added:  # the stand-ins must not look like a real torchvision to anything imported later
-            sys.modules.pop(name, None)
     return segment_anything
 
 
