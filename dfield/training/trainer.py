@@ -201,12 +201,17 @@ class Trainer:
         if self.batcher.pool is not None:
             trainer_t["batcher.pool"] = self.batcher.pool.state()
         rss = max(ranks.all_gather_object(peak_rss_bytes()))  # the largest process's
+        # The others wait until rank 0 has written it: what they read next (evaluation opens the run's latest
+        # checkpoint) must be this checkpoint, not the one before.
         if not ranks.is_main():
+            ranks.barrier()
             return None
         meta = {"seconds": self.seconds, "peak_rss_bytes": rss, "structure": self.model.structure(), "optimizer_groups": groups,
                 "last": self.last, "features": to_dict(self.cfg.features), "streams": self.n_streams,
                 "processes": ranks.world()}
-        return save_checkpoint(self.run_dir / "checkpoints", self.step, model_tensors(self.model), trainer_t, meta)
+        path = save_checkpoint(self.run_dir / "checkpoints", self.step, model_tensors(self.model), trainer_t, meta)
+        ranks.barrier()
+        return path
 
     def load(self, ckpt: Path) -> None:
         """Restore the state `save` wrote to checkpoint folder `ckpt` (model, a fresh optimiser with its moments,
