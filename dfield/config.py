@@ -93,9 +93,14 @@ class TrainConfig:
     batch_rays: int = 1024
     """Rays per step. 1024 x 4500 steps beat 2048 x 3000 at every 150/300/600 s mark of bench/fit_speed.py on lego
     and fern, and at 150/300 s on a 200 px generated scene (0.14 dB lower when both have finished): twice the
-    optimiser steps per second early, when the coarse grid makes steps cheap."""
+    optimiser steps per second early, when the coarse grid makes steps cheap. With several processes (--nproc,
+    torchrun) it is the batch of all of them together, each computing its share."""
     lr_final_ratio: float = 0.1
     """Learning rates decay exponentially to this fraction of their start over the run."""
+    ray_streams: int = 0
+    """Random ray streams each step's batch is split over (0: one per process the run starts with). Processes share
+    the streams out and checkpoints keep every stream's state, so a run resumed with another number of processes
+    draws the same rays; the batch, learning rates and steps are per optimiser step, whatever the processes."""
     checkpoint_every: int = 500
     log_every: int = 25
     max_seconds: float = 0.0

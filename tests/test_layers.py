@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dfield"
 
 # Bottom to top. A module may import its own layer and the layers before it, never one after it.
 LAYERS = ["errors", "data", "core", "fields", "models", "config", "io", "features", "training", "query", "edit", "view",
-          "app"]
+          "app", "__main__"]
 
 # Imported inside functions because importing them costs a second or more, and only one command needs them
 # (pycolmap: only process-images, and an install without it must still train, with a clear message there).

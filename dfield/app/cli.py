@@ -27,8 +27,10 @@ Flat = tyro.conf.arg(name="")
 @app.command
 def train(cfg: Annotated[TrainConfig, Flat], out: Path = Path("runs/latest"), resume: bool = False,
           overwrite: bool = False, eval: bool = True, view: bool = False, view_port: int = 8080,
-          view_host: str = "127.0.0.1") -> None:
+          view_host: str = "127.0.0.1", nproc: int = 1) -> None:
     """Fit a radiance field to posed images. Example: dfield train data/lego --downscale 4 --out runs/lego
+
+    Data-parallel: --nproc N (N local processes), or torchrun --nproc-per-node N -m dfield train ...
 
     Args:
         out: Run folder: config, checkpoints, logs and evaluation land here.
@@ -39,33 +41,40 @@ def train(cfg: Annotated[TrainConfig, Flat], out: Path = Path("runs/latest"), re
             training until Ctrl-C.
         view_port: Port of the viewer.
         view_host: Address the viewer binds to (127.0.0.1: this machine only).
+        nproc: Train in this many local processes (one torch.distributed job: gloo on CPU, nccl on CUDA with one GPU
+            each). --batch-rays stays the batch of one step over all of them; on a CPU each gets cores / N threads.
     """
     api.train(cfg, out, resume=resume, overwrite=overwrite, evaluate=eval, view=view, view_port=view_port,
-              view_host=view_host)
+              view_host=view_host, nproc=nproc)
 
 
 @app.command
-def resume(run: tyro.conf.Positional[Path], iterations: int | None = None, eval: bool = True) -> None:
-    """Continue a killed or finished run from its last checkpoint (optionally to more iterations)."""
-    api.resume(run, iterations=iterations, evaluate=eval)
+def resume(run: tyro.conf.Positional[Path], iterations: int | None = None, eval: bool = True, nproc: int = 1) -> None:
+    """Continue a killed or finished run from its last checkpoint (optionally to more iterations).
+
+    Args:
+        nproc: Processes to continue with (any number, whatever the run started with).
+    """
+    api.resume(run, iterations=iterations, evaluate=eval, nproc=nproc)
 
 
 @app.command(name="eval")
 def eval_(run: tyro.conf.Positional[Path], split: Literal["test", "val", "train"] = "test", every: int | None = None,
-          save_images: bool = False, device: str = "cpu") -> None:
+          save_images: bool = False, device: str = "cpu", nproc: int = 1) -> None:
     """Render held-out views and print PSNR/SSIM/LPIPS; writes RUN/eval.json.
 
     Args:
         every: Use every Nth view of the split (default: the run's --test-every).
         save_images: Also write the rendered views to RUN/eval_images/.
+        nproc: Split the views over this many local processes.
     """
-    api.evaluate(run, split=split, every=every, save_images=save_images, device=device)
+    api.evaluate(run, split=split, every=every, save_images=save_images, device=device, nproc=nproc)
 
 
 @app.command
 def render(run: tyro.conf.Positional[Path], out: Path | None = None, path: Literal["test", "orbit", "spiral", "train"] = "test",
            frames: int = 60, every: int = 1, video: bool = True, depth: bool = True, device: str = "cpu",
-           resolution_scale: float = 1.0, mode: Literal["rgb", "features"] = "rgb") -> None:
+           resolution_scale: float = 1.0, mode: Literal["rgb", "features"] = "rgb", nproc: int = 1) -> None:
     """Render RGB (and depth) images of a trained run along test views or a camera path, as PNG and MP4.
 
     Args:
@@ -75,9 +84,10 @@ def render(run: tyro.conf.Positional[Path], out: Path | None = None, path: Liter
         every: Use every Nth dataset view.
         resolution_scale: Render orbit/spiral frames at this fraction (or multiple) of the training resolution.
         mode: rgb: colour; features: the distilled feature field, PCA to RGB with one projection for all views.
+        nproc: Split the views over this many local processes.
     """
     api.render(run, out=out, path=path, frames=frames, every=every, video=video, depth=depth, device=device,
-               resolution_scale=resolution_scale, mode=mode)
+               resolution_scale=resolution_scale, mode=mode, nproc=nproc)
 
 
 @app.command(name="generate-scene")

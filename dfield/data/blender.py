@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from dfield.data.dataset import Cameras, DataError, Dataset
-from dfield.data.distortion import LensCamera, undistort_image
-from dfield.data.images import find_image, image_size, read_ids, read_image, scaled_size
+from dfield.data.distortion import LensCamera, undistorted_intrinsics
+from dfield.data.images import find_image, image_size, read_id_stack, read_image_stack, scaled_size
 from dfield.data.splits import holdout_indices
 
 SPLIT_FILES = ("train", "val", "test")  # transforms_{split}.json
@@ -234,12 +234,7 @@ def read_blender(path: Path, split: str = "train", downscale: float = 1.0, backg
         raise DataError(f"{f.json_path}: frame {f.index} has no 'id_path' but other frames do")
     object_ids = None
     if all(has_ids):
-        maps = [read_ids(f.ids, downscale) for f in chosen]
-        for f, m in zip(chosen, maps):
-            if m.shape != (out_h, out_w):
-                raise DataError(f"{f.ids}: id map is {m.shape[1]}x{m.shape[0]} after downscaling, "
-                                f"but the images are {out_w}x{out_h}")
-        object_ids = torch.from_numpy(np.stack(maps))
+        object_ids = read_id_stack([f.ids for f in chosen], downscale, (out_w, out_h))
 
     aabb, near, far = None, None, None
     for name, meta in metas.items():
@@ -252,12 +247,14 @@ def read_blender(path: Path, split: str = "train", downscale: float = 1.0, backg
         aabb = est_aabb if aabb is None else aabb
         near, far = (est_near, est_far) if near is None else (near, far)
 
-    images = [read_image(f.image, downscale, background) for f in chosen]
+    lenses = []
     for i, f in enumerate(chosen):
         coeffs = _coefficients(f)
-        if coeffs is not None:  # OPENCV: undistorted to a pinhole camera of the same size and principal point
-            images[i], k[i] = undistort_image(images[i], LensCamera(*k[i], out_w, out_h, coeffs))
-    images = torch.from_numpy(np.stack(images))
+        # OPENCV: undistorted (as it is decoded) to a pinhole camera of the same size and principal point
+        lenses.append(None if coeffs is None else LensCamera(*k[i], out_w, out_h, coeffs))
+        if lenses[-1] is not None:
+            k[i] = undistorted_intrinsics(lenses[-1])
+    images = read_image_stack([f.image for f in chosen], downscale, background, lenses)
     kt = torch.from_numpy(k).float()
     cameras = Cameras(c2w=torch.from_numpy(np.stack([f.c2w for f in chosen])).float(),
                       fx=kt[:, 0], fy=kt[:, 1], cx=kt[:, 2], cy=kt[:, 3], width=out_w, height=out_h)

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from dfield.data.dataset import Cameras, DataError, Dataset
-from dfield.data.distortion import MODEL_PARAMS, lens_camera, undistort_image
-from dfield.data.images import find_image, pick_image_folder, read_image
+from dfield.data.distortion import MODEL_PARAMS, lens_camera, undistorted_intrinsics
+from dfield.data.images import find_image, image_size, pick_image_folder, read_image_stack, scaled_size
 from dfield.data.splits import holdout_indices
 
 # model id -> (name, number of parameters); the ids are COLMAP's and fix the binary layout.
@@ -301,10 +301,10 @@ def read_colmap(root: Path, split: str = "train", downscale: float = 1.0, backgr
     if bad := used - set(SUPPORTED):
         raise DataError(f"{cams_file}: camera model {', '.join(sorted(bad))} is not supported "
                         f"({', '.join(SUPPORTED)} are)")
-    lenses = {}
+    lenses_by_id = {}
     for cid in sorted({im.camera_id for im in order}):
         try:
-            lenses[cid] = lens_camera(cams[cid].model, cams[cid].params, cams[cid].width, cams[cid].height)
+            lenses_by_id[cid] = lens_camera(cams[cid].model, cams[cid].params, cams[cid].width, cams[cid].height)
         except DataError as e:
             raise DataError(f"{cams_file}: camera {cid}: {e}") from None
 
@@ -323,23 +323,21 @@ def read_colmap(root: Path, split: str = "train", downscale: float = 1.0, backgr
 
     sel = [order[i] for i in chosen]
     paths = [find_image(folder / im.name) for im in sel]
-    images = [read_image(p, rest, background) for p in paths]
-    for p, a in zip(paths, images):
-        if a.shape != images[0].shape:
-            raise DataError(f"{p}: image is {a.shape[1]}x{a.shape[0]}, but {paths[0]} is "
-                            f"{images[0].shape[1]}x{images[0].shape[0]}; all images must have the same size")
-    height, width = images[0].shape[:2]
-    k = []
-    for i, im in enumerate(sel):
-        # Intrinsics are for the full-size images; the coefficients act on normalised coordinates and stay.
+    # Intrinsics are for the full-size images; the coefficients act on normalised coordinates and stay.
+    width, height = scaled_size(*image_size(paths[0]), rest)
+    scaled = {}  # camera id -> (lens at the images' size, its undistorted intrinsics), worked out once per camera
+    for cid in sorted({im.camera_id for im in sel}):
+        lens = lenses_by_id[cid].scaled(width, height)
         try:
-            images[i], ki = undistort_image(images[i], lenses[im.camera_id].scaled(width, height))
+            scaled[cid] = (lens, undistorted_intrinsics(lens))
         except DataError as e:
-            raise DataError(f"{cams_file}: camera {im.camera_id}: {e}") from None
-        k.append(ki)
+            raise DataError(f"{cams_file}: camera {cid}: {e}") from None
+    lenses = [scaled[im.camera_id][0] for im in sel]
+    k = [scaled[im.camera_id][1] for im in sel]
+    images = read_image_stack(paths, rest, background, lenses)  # checks that the sizes match
     kt = torch.tensor(k, dtype=torch.float32)
     cameras = Cameras(c2w=torch.from_numpy(c2w_all[chosen]).float(), fx=kt[:, 0], fy=kt[:, 1], cx=kt[:, 2],
                       cy=kt[:, 3], width=width, height=height)
-    return Dataset(images=torch.from_numpy(np.stack(images)), cameras=cameras, image_paths=paths,
+    return Dataset(images=images, cameras=cameras, image_paths=paths,
                    aabb=torch.from_numpy(aabb).float(), near=near, far=far, background=tuple(background),
                    split=split, source=str(root), format="colmap")
