@@ -15,7 +15,6 @@ rendered pixels, so these run in PyTorch with gradients to their input (their ow
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,13 @@ from safetensors.torch import load_file, save_file
 
 from dfield.errors import TeacherError
 from dfield.features.teachers.cache import default_cache_dir
-from dfield.features.teachers.clip import CLIP_MEAN, CLIP_STD, _hub_reachable, _transformers
+from dfield.features.teachers.clip import (
+    CLIP_MEAN,
+    CLIP_STD,
+    _hub_reachable,
+    _transformers,
+    tokenizer_and_normalization,
+)
 from dfield.features.teachers.dinov2_onnx import BLOCKS, DIM, INSTALL, MEAN, STD, source_model_path
 from dfield.io.atomic import atomic_path
 
@@ -152,19 +157,7 @@ def _load_vision_text(name: str, local_files_only: bool | None):
         raise TeacherError(f"could not load CLIP weights '{name}': {why}; pass a local folder (--clip PATH)")
     if not hasattr(model, "get_image_features") or not hasattr(model, "get_text_features"):
         raise TeacherError(f"'{name}' is a {type(model).__name__}, not a CLIP-family model with image and text towers")
-    tok = None
-    try:
-        tok = tr.AutoTokenizer.from_pretrained(src, local_files_only=local)
-    except Exception:
-        pass
-    mean, std = CLIP_MEAN, CLIP_STD
-    cfg = path / "preprocessor_config.json"
-    if cfg.is_file():
-        try:
-            pre = json.loads(cfg.read_text())
-            mean, std = tuple(pre.get("image_mean", mean)), tuple(pre.get("image_std", std))
-        except (OSError, ValueError):
-            pass
+    tok, mean, std = tokenizer_and_normalization(src, path, local)
     return model, tok, mean, std, str(path.resolve()) if path.exists() else name
 
 
