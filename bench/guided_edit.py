@@ -36,6 +36,7 @@ from dfield.app import api
 from dfield.config import TrainConfig
 from dfield.data.generate import SceneSpec, generate_scene
 from dfield.edit.guided import GuidedConfig
+from dfield.io.export import labelled_strip
 from dfield.query.evaluation import object_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,13 +84,8 @@ def sheet(edit: Path, painted: Path, out: Path, label: str) -> Path:
     first = sorted(painted.glob("rgb_*.png"))[0]
     tiles = [("painted training view", first), ("held-out: before", edit / "eval" / "original_000.png"),
              ("after the edit", edit / "eval" / "edited_000.png"), ("ground truth", edit / "eval" / "target_000.png")]
-    size = 200
-    img = Image.new("RGB", (size * len(tiles), size + 18), "white")
-    draw = ImageDraw.Draw(img)
-    for k, (name, path) in enumerate(tiles):
-        img.paste(Image.open(path).convert("RGB").resize((size, size), Image.NEAREST), (k * size, 18))
-        draw.text((k * size + 6, 3), name, fill="black")
-    draw.text((size * len(tiles) - 120, 3), label, fill="gray")
+    img = labelled_strip(tiles)
+    ImageDraw.Draw(img).text((img.width - 120, 3), label, fill="gray")
     out.parent.mkdir(parents=True, exist_ok=True)
     img.save(out)
     return out

@@ -176,7 +176,7 @@ def test_paint_hull_is_the_crossing_of_painted_rays():
 
 
 def tiny_clip():
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPModel
 
     cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
                                       vocab_size=1000), vision_config=dict(hidden_size=32, intermediate_size=37,
