@@ -179,12 +179,18 @@ class Viewer:
                 pass
 
     # ------------------------------------------------------------------------------------------ pointer
-    def _client_frame(self, client_id: int) -> Frame | None:
+    def _client_frame(self, client_id: int, wait_s: float = 30.0) -> Frame | None:
+        """The frame a click or box on `client_id` refers to, with features. A click that lands while the camera's
+        sharp frame is still rendering (only coarse frames skip features) waits for it: the camera rests, so the
+        renderer is finishing exactly the view the user clicked on."""
         state = self.clients.get(client_id)
         frame = None if state is None else self._current(state)
         if frame is not None and frame.feature is None and self.session.has_features:
-            self._error(DfieldError("the view is still rendering; click again when it is sharp"), "query")
-            return None
+            state.renderer.wait_idle(wait_s)
+            frame = self._current(state)
+            if frame is None or frame.feature is None:
+                self._error(DfieldError("the view is still rendering; click again when it is sharp"), "query")
+                return None
         return frame
 
     def _click(self, event, negative: bool) -> None:
