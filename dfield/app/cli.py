@@ -138,10 +138,10 @@ def process_images(source: tyro.conf.Positional[Path], out: Path, num_frames: in
 @app.command
 def demo(out: Path = Path("demo_out"), seed: int = 0, iterations: int | None = None, features: bool = True) -> None:
     """Generate a scene, train on it, evaluate, render test views and an orbit video, then lift DINOv2 features,
-    run a patch query and one edit of each kind (about 8 minutes on 2 cores).
+    run a patch query and one edit of each kind (about 4.5 minutes on 2 cores).
 
     Args:
-        features: Also do the features, query and edits part (--no-features: radiance field only, ~5 minutes).
+        features: Also do the features, query and edits part (--no-features: the radiance field only).
     """
     run_demo(out, seed=seed, iterations=iterations, features=features)
 

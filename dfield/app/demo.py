@@ -102,7 +102,7 @@ def _demo_sheet(edits_dir: Path, ops: list[str]) -> Path:
 
 
 def demo_config(scene_dir: Path) -> TrainConfig:
-    """Default settings with a shorter schedule: about 4-5 minutes of training on 2 cores (~35 dB). The batch stays
+    """Default settings with a shorter schedule: about 3 minutes of training on 2 cores (34.3 dB). The batch stays
     at the 2048 rays the demo's figures (README) were measured with."""
     cfg = TrainConfig(iterations=1500, batch_rays=2048)
     cfg.data.path = Path(scene_dir)
