@@ -86,6 +86,8 @@ def _fit(start, run_eval: bool, progress: bool, view: tuple[str, int] | None = N
                           "the refined field")
         console.print(f"training {cfg.model} on {len(trainer.data)} views of {trainer.data.width}x"
                       f"{trainer.data.height} ({cfg.data.path}) -> {trainer.run_dir}")
+        why = f" (auto: {trainer.data.scene_note})" if trainer.data.scene_note else ""
+        console.print(f"scene type {cfg.data.scene_type}{why}", highlight=False)
         trainer.train(hooks=hooks, progress=bars)
     console.print(f"trained {trainer.step} steps in {trainer.seconds:.1f} s; last batch PSNR "
                   f"{trainer.last.get('psnr', float('nan')):.2f} dB")
@@ -163,7 +165,10 @@ def render(run: Path, out: Path | None = None, path: str = "test", frames: int =
             written.append(save_png(out / f"{mode}_{i:03d}.png", o["rgb"]))
             rgb_frames.append(o["rgb"])
             if depth:
-                d = colorize_depth(o["depth"], o["acc"])
+                dep = o["depth"]
+                if r.scene.scene_type == "unbounded":  # depths reach the sky: colour by disparity (near still blue)
+                    dep = -o["acc"] / dep.clamp(min=1e-6)
+                d = colorize_depth(dep, o["acc"])
                 written.append(save_png(out / f"depth_{i:03d}.png", d))
                 depth_frames.append(d)
             bars(f"render {path}", i + 1, len(cams))

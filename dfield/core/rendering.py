@@ -12,6 +12,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from dfield.core.contraction import Contraction
 from dfield.core.profiling import PROFILER
 from dfield.core.rays import Rays
 from dfield.core.sampling import OccupancyGrid, first_hit, march, march_window, plan_march
@@ -97,6 +98,9 @@ class RenderSettings:
     """Rendering without gradients marches this many steps at a time and stops a ray once less than
     `stop_transmittance` of its light is left (0: one pass over every step, as in training)."""
     stop_transmittance: float = 1e-4
+    contraction: Contraction | None = None
+    """Unbounded scenes: rays are not clipped to the field's box but run from near to far, with steps uniform in
+    warped distance and lengths measured in contracted space (`dfield.core.sampling`)."""
 
 
 def render_field(field: Field, rays: Rays, settings: RenderSettings, generator: torch.Generator | None = None,
@@ -132,7 +136,8 @@ def render_field(field: Field, rays: Rays, settings: RenderSettings, generator: 
     if s.window > 0 and generator is None and not torch.is_grad_enabled():
         return _render_terminated(field, rays, s, features, channels)
     with PROFILER.phase("march"):
-        samples = march(rays, field.aabb, s.near, s.far, s.step, field.occupancy, generator, s.max_samples)
+        samples = march(rays, field.aabb, s.near, s.far, s.step, field.occupancy, generator, s.max_samples,
+                        s.contraction)
     with PROFILER.phase("density"):
         sigma = scatter_samples(samples.mask, field.density(samples.positions))
     weights, _ = weights_from_density(sigma, samples.dt)
@@ -189,8 +194,8 @@ def _render_terminated(field: Field, rays: Rays, s: RenderSettings, features: bo
     """
     R, device = len(rays), rays.origins.device
     with PROFILER.phase("march"):
-        plan = plan_march(rays, field.aabb, s.near, s.far, s.step, None, s.max_samples)
-        if isinstance(field.occupancy, OccupancyGrid):
+        plan = plan_march(rays, field.aabb, s.near, s.far, s.step, None, s.max_samples, s.contraction)
+        if isinstance(field.occupancy, OccupancyGrid) and s.contraction is None:
             _skip_empty_front(rays, plan, field.occupancy, s)
     trans = torch.ones(R, device=device)
     rgb = torch.zeros(R, 3, device=device)
