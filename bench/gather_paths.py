@@ -1,6 +1,7 @@
 """How the factorised volumes are best read on this processor: forward + backward time of one VM plane read by
-`embedding_bag` with dfield's sparse-matrix backward, by `embedding_bag` with PyTorch's own backward, and by
-`grid_sample` (what TensoRF does), side by side in one process, alternating, for the sizes training uses.
+`embedding_bag` with each of dfield's backward kernels (one `index_add_`, or one sparse-matrix product: what
+`dfield.fields.vm.gather_backward` chooses between at run time), by `embedding_bag` with PyTorch's own backward,
+and by `grid_sample` (what TensoRF does), side by side in one process, alternating, for the sizes training uses.
 
     .venv/bin/python bench/gather_paths.py [--threads 2] [--points 60000 200000] [--channels 16 48] [--res 128]
 
@@ -21,13 +22,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dfield.fields import vm
 from dfield.fields.vm import _bilinear_rows, _GatherRows
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def read_embedding_bag(table, rows, w, custom: bool):
-    if custom:
+def read_embedding_bag(table, rows, w, kernel: str | None):
+    """kernel: one of dfield's backward kernels (vm.BACKWARDS), or None for embedding_bag's own backward."""
+    if kernel is not None:
+        vm._chosen["cpu"] = kernel
         return _GatherRows.apply(table, rows, w)
     return F.embedding_bag(rows, table, per_sample_weights=w, mode="sum")
 
@@ -71,10 +75,10 @@ def main(argv=None) -> None:
             grad = torch.randn(n, c, generator=g)
             rows, w = _bilinear_rows(u, r, r)
 
-            def eb(custom):
+            def eb(kernel):
                 def run():
                     table.grad = None
-                    read_embedding_bag(table, rows, w, custom).backward(grad)
+                    read_embedding_bag(table, rows, w, kernel).backward(grad)
                 return run
 
             def gs():
@@ -82,9 +86,10 @@ def main(argv=None) -> None:
                 read_grid_sample(image, u).backward(grad)
 
             # The paths compute the same values (checked), then are timed round-robin so drift hits all alike.
-            ref = read_embedding_bag(table, rows, w, True).detach()
+            ref = read_embedding_bag(table, rows, w, None).detach()
             assert torch.allclose(read_grid_sample(image, u).detach(), ref, atol=1e-5)
-            paths = {"embedding_bag + sparse backward": eb(True), "embedding_bag, stock backward": eb(False),
+            paths = {"embedding_bag + index_add backward": eb("index_add"),
+                     "embedding_bag + sparse backward": eb("sparse"), "embedding_bag, stock backward": eb(None),
                      "grid_sample": gs}
             for fn in paths.values():
                 fn()  # warm-up

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dfield.core.image_rendering import ndc_of
-from dfield.core.metrics import iou
+from dfield.core.metrics import boundary_f, iou
 from dfield.core.rays import camera_image_rays
 from dfield.core.rendering import render_field
 from dfield.edit.build import build_edited, make_selection
@@ -109,6 +109,7 @@ def object_row(run, obj: int, prompt: dict, test, every: int, names: dict, image
                                regions["click"][-1] if "click" in regions else None, pair["rgb"]))
     for k in ("patch", "click"):
         row[f"{k}_iou"] = iou(torch.stack(regions[k]), gt == obj) if k in sels else 0.0
+        row[f"{k}_boundary_f"] = boundary_f(torch.stack(regions[k]), gt == obj) if k in sels else 0.0
         if k in sels:
             row[f"{k}_best_match"] = best_object(overlaps[k], names)
     finite = [p for p in psnrs if p != float("inf")]
@@ -145,7 +146,8 @@ def summarize(objects: dict) -> dict:
     out = {}
     for label, rows in (("objects", [r for r in objects.values() if r["id"] != GROUND]), ("all", list(objects.values()))):
         m = {}
-        for c in ("patch_iou", "click_iou", "field_patch", "field_click", "seconds"):
+        for c in ("patch_iou", "click_iou", "patch_boundary_f", "click_boundary_f", "field_patch", "field_click",
+                  "seconds"):
             vals = [r[c] for r in rows if r.get(c) is not None]
             m[c] = float(np.mean(vals)) if vals else None
         loc = [float(r["delete_locality_psnr"]) for r in rows if r.get("delete_locality_psnr") is not None]

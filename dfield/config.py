@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 import tyro
 
+from dfield.models.blended import BlendConfig
 from dfield.models.grid import GridModelConfig
 from dfield.models.nerf import NeRFModelConfig
 
@@ -54,10 +55,12 @@ class FeatureConfig:
     loss: Literal["l2", "l1"] = "l2"
     start_step: int = 0
     """Radiance first: the feature loss starts at this step (0: joint training from the start)."""
-    smooth: str = ""
-    """Smoother targets: '' (the teacher's maps as they are), segments:SEGMENTER (blur inside each region of a
-    segmenter's masks: segments:felzenszwalb (offline, no weights), segments:litemedsam, segments:gt (generated
-    scenes), segments:files:FOLDER), or bilateral[:sigma_space=3,sigma_color=0.1] (RGB-guided, the baseline)."""
+    smooth: str = "auto"
+    """Smoother targets: auto (the default: the best variant of the smoothing ablation that needs no weights,
+    dfield.features.targets.DEFAULT_SMOOTH, recorded resolved in the run's config), none (the teacher's maps as
+    they are), segments:SEGMENTER (blur inside each region of a segmenter's masks: segments:felzenszwalb (offline),
+    segments:litemedsam, segments:sam:CHECKPOINT, segments:gt (generated scenes), segments:files:FOLDER), or
+    bilateral[:sigma_space=3,sigma_color=0.1] (RGB-guided, the baseline)."""
     smooth_on: Literal["auto", "renders", "photos"] = "auto"
     """What the masks (and the bilateral guide) are made on: the radiance field's renders of the training views when
     features start (the paper's radiance-first order), or the input photos; auto: renders when start_step > 0."""
@@ -84,21 +87,31 @@ class TrainConfig:
 
     data: Annotated[DataConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=DataConfig)
     model: Literal["grid", "nerf"] = "grid"
-    """grid: factorised TensoRF-style field (fast on a CPU); nerf: the original PE-MLP NeRF (reference)."""
+    """grid: factorised TensoRF-style field (fast on a CPU); nerf: the original PE-MLP NeRF (reference).
+    ("blended": a guided edit's run, written by `dfield guide-edit`; not trained with `dfield train`.)"""
     grid: GridModelConfig = field(default_factory=GridModelConfig)
     nerf: NeRFModelConfig = field(default_factory=NeRFModelConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
+    blend: tyro.conf.Suppress[BlendConfig] = field(default_factory=BlendConfig)
+    """A guided edit's fields (model "blended" only; set by `dfield guide-edit`)."""
     iterations: int = 4500
     batch_rays: int = 1024
     """Rays per step. 1024 x 4500 steps beat 2048 x 3000 at every 150/300/600 s mark of bench/fit_speed.py on lego
     and fern, and at 150/300 s on a 200 px generated scene (0.14 dB lower when both have finished): twice the
-    optimiser steps per second early, when the coarse grid makes steps cheap."""
+    optimiser steps per second early, when the coarse grid makes steps cheap. With several processes (--nproc,
+    torchrun) it is the batch of all of them together, each computing its share."""
     lr_final_ratio: float = 0.1
     """Learning rates decay exponentially to this fraction of their start over the run."""
+    ray_streams: int = 0
+    """Random ray streams each step's batch is split over (0: one per process the run starts with). Processes share
+    the streams out and checkpoints keep every stream's state, so a run resumed with another number of processes
+    draws the same rays; the batch, learning rates and steps are per optimiser step, whatever the processes."""
     checkpoint_every: int = 500
     log_every: int = 25
     max_seconds: float = 0.0
-    """Stop after this many seconds of training (0: no limit). Evaluation time is not counted."""
+    """Stop after this many seconds of training (0: no limit). Evaluation time is not counted. Schedules and
+    learning rates still follow steps: decaying them over the budget instead was measured worse (lego 100 px,
+    150 s: 28.4 dB vs 29.9)."""
     seed: int = 0
     device: str = "cpu"
     threads: int = 0

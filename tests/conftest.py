@@ -74,6 +74,20 @@ def make_llff(tmp_path):
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _image_store(tmp_path_factory):
+    """Decoded images of the tests' scenes go to a folder of the session, not the user's cache."""
+    import os
+
+    old = os.environ.get("DFIELD_IMAGE_STORE")
+    os.environ["DFIELD_IMAGE_STORE"] = str(tmp_path_factory.mktemp("image_store"))
+    yield
+    if old is None:
+        os.environ.pop("DFIELD_IMAGE_STORE", None)
+    else:
+        os.environ["DFIELD_IMAGE_STORE"] = old
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Every test runs PyTorch on one thread: the suite shares a small machine with timing benchmarks."""
     import torch

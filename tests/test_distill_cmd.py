@@ -100,6 +100,8 @@ def test_lift_round_trips_in_teacher_space(run, tiny_scene):
     assert (f["teacher"], f["dim"], f["teacher_dim"], f["method"]) == ("synthetic", 0, 32, "lift")
     summary = json.loads((run / "distill.json").read_text())
     assert summary["lift_cells"] == int((r.model.lifted.rows > 0).sum()) > 0
+    assert summary["lift_dims"] == r.model.feature_dim <= 32 and r.model.lifted.teacher_dim == 32
+    assert r.model.decode(torch.zeros(2, r.model.feature_dim)).shape == (2, 32)  # queries compare in teacher space
 
 
 def test_switching_methods_replaces_the_features(run, tiny_scene):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from dfield.core.rays import Rays
+from dfield.core.rays import RayBatcher, Rays
 from dfield.data import load_dataset
-from dfield.features.fitting import fit_features
+from dfield.features.fitting import SamplePool, fit_features, render_features
 from dfield.features.lifting import lift_features
 from dfield.features.segmentation import nearest_label, segmentation_eval
 from dfield.features.teachers import Teacher, registry
@@ -118,7 +118,12 @@ def test_lifting_and_distillation_on_a_trained_field(trained, tiny_scene):
     frozen = {k: v.clone() for k, v in model.state_dict().items()}
 
     lifted = lift_features(model, train, maps, n_voxels=16**3)
-    assert lifted.grid.shape[1] == 8 and torch.isfinite(lifted.grid).all()
+    assert lifted.teacher_dim == 8 and torch.isfinite(lifted.grid).all()
+    full = lift_features(model, train, maps, n_voxels=16**3, energy=None)  # every teacher channel kept
+    assert full.basis is None and full.grid.shape[1] == 8
+    x = torch.rand(500, 3) * (full.aabb[1] - full.aabb[0]) + full.aabb[0]
+    # Compressed or not (one-hot averages of a few objects have low rank), they decode to the same features.
+    assert torch.allclose(lifted.decode(lifted(x)), full(x), atol=0.05)
     model.lifted = lifted
     seg_l = segmentation_eval(model, load_dataset(tiny_scene, "test"), _OneHotTeacher())
     assert seg_l["field_miou"] > 0.4
@@ -131,6 +136,22 @@ def test_lifting_and_distillation_on_a_trained_field(trained, tiny_scene):
     for k, v in frozen.items():
         if not k.startswith(("field.feature", "decoder")):
             assert torch.equal(after[k], v), k
+
+
+def test_sample_pool_renders_what_the_renderer_renders(trained):
+    """Features second looks visible samples up instead of marching: same features, and gradients, per pixel."""
+    model = copy.deepcopy(trained.model).eval()
+    model.add_feature_field(8, 8, comp=4)
+    pool = SamplePool(model, trained.data, chunk=512)  # several chunks
+    assert pool.offsets[-1] == len(pool.t) > 0
+    rays, _, ids = RayBatcher(trained.data, 300, seed=3).sample()
+    direct = render_features(model, rays)
+    pooled = pool.render(model, rays, ids)
+    assert (direct.abs().sum(1) > 0).sum() > 100  # rays that see the scene
+    assert torch.allclose(pooled, direct, atol=1e-5, rtol=1e-4)
+    g_direct = torch.autograd.grad(direct.square().sum(), model.field.feature_vol.planes)[0]
+    g_pooled = torch.autograd.grad(pool.render(model, rays, ids).square().sum(), model.field.feature_vol.planes)[0]
+    assert torch.allclose(g_pooled, g_direct, atol=1e-4, rtol=1e-3)
 
 
 def test_teacher_spec_settings():

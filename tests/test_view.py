@@ -123,7 +123,9 @@ def test_session_click_query_and_edit_round_trip(run, tmp_path):
     out = tmp_path / "edit_out"
     assert main(["edit", str(run), "--spec", str(spec), "--out", str(out), "--no-video"]) == 0
     summary = json.loads((out / "edit.json").read_text())
-    assert summary["edits"] == ["delete"] and summary["locality_max_abs_diff"] == 0.0
+    # Pixels whose rays give the touched region a weight below 0.01 count as untouched (edit.locality.untouched_mask),
+    # so a delete may change them by about that much, never more.
+    assert summary["edits"] == ["delete"] and summary["locality_max_abs_diff"] <= 0.01
 
 
 def test_session_box_cluster_and_saves(run):
@@ -218,3 +220,42 @@ def test_live_view_snapshots_only_while_watched(tiny_scene, tiny_train_config, t
         for p in trainer.model.parameters():
             p.add_(1.0)
     assert torch.equal(session.render(session.home(1.0), 16).rgb, a)
+
+
+def test_click_while_the_sharp_frame_renders_waits_for_it(run):
+    """A click that lands between a coarse frame (no features) and the sharp one of the same resting camera is
+    answered once the sharp frame is in, not refused (CI's browser test clicked into that gap)."""
+    pytest.importorskip("viser", reason="viser is not installed (scripts/setup.sh installs it)")
+    from types import SimpleNamespace
+
+    from dfield.view.server import Viewer
+
+    viewer = Viewer([run], port=0, levels=(24, 64), verbose=False)
+    try:
+        home = viewer.session.home(1.0)
+        moved = ViewCamera(tuple(p * 1.01 for p in home.position), home.wxyz, home.fov_y, home.aspect)
+        shown = []
+        client = SimpleNamespace(
+            client_id=7, camera=SimpleNamespace(position=home.position, wxyz=home.wxyz, fov=home.fov_y,
+                                                aspect=home.aspect, on_update=lambda f: None),
+            add_notification=lambda *a, **k: None,
+            scene=SimpleNamespace(set_background_image=lambda img, **k: shown.append(img)))
+        render = viewer.session.render
+
+        def slow_render(view, side, cancelled=lambda: False, features=True):
+            if side == 64:
+                time.sleep(0.5)  # the sharp frame is still on its way when the click lands
+            return render(view, side, cancelled, features)
+
+        viewer.session.render = slow_render
+        viewer._connect(client)
+        state = viewer.clients[7]
+        assert state.renderer.wait_idle(60) and state.full is not None and state.full.feature is not None
+        # The camera moved a little and rests: a coarse frame without features is up, the sharp one renders.
+        state.frame = render(moved, 24, features=False)
+        state.renderer.request(moved)
+        frame = viewer._client_frame(7)
+        assert viewer.errors == []
+        assert frame is not None and frame.feature is not None and frame.view == moved and frame.size == (64, 64)
+    finally:
+        viewer.stop()

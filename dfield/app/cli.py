@@ -14,7 +14,10 @@ from dfield.app.demo import demo as run_demo
 from dfield.config import TrainConfig
 from dfield.data.generate import SceneSpec
 from dfield.data.generate import generate_scene as write_scene
+from dfield.edit.guided import GuidedConfig
 from dfield.errors import DataError, DfieldError, RunError, TrainingDiverged
+from dfield.io.capture import CaptureOptions
+from dfield.io.sfm import SfmOptions
 from dfield.query.spec import QuerySpec
 
 app = SubcommandApp()
@@ -24,8 +27,10 @@ Flat = tyro.conf.arg(name="")
 @app.command
 def train(cfg: Annotated[TrainConfig, Flat], out: Path = Path("runs/latest"), resume: bool = False,
           overwrite: bool = False, eval: bool = True, view: bool = False, view_port: int = 8080,
-          view_host: str = "127.0.0.1") -> None:
+          view_host: str = "127.0.0.1", nproc: int = 1) -> None:
     """Fit a radiance field to posed images. Example: dfield train data/lego --downscale 4 --out runs/lego
+
+    Data-parallel: --nproc N (N local processes), or torchrun --nproc-per-node N -m dfield train ...
 
     Args:
         out: Run folder: config, checkpoints, logs and evaluation land here.
@@ -36,33 +41,40 @@ def train(cfg: Annotated[TrainConfig, Flat], out: Path = Path("runs/latest"), re
             training until Ctrl-C.
         view_port: Port of the viewer.
         view_host: Address the viewer binds to (127.0.0.1: this machine only).
+        nproc: Train in this many local processes (one torch.distributed job: gloo on CPU, nccl on CUDA with one GPU
+            each). --batch-rays stays the batch of one step over all of them; on a CPU each gets cores / N threads.
     """
     api.train(cfg, out, resume=resume, overwrite=overwrite, evaluate=eval, view=view, view_port=view_port,
-              view_host=view_host)
+              view_host=view_host, nproc=nproc)
 
 
 @app.command
-def resume(run: tyro.conf.Positional[Path], iterations: int | None = None, eval: bool = True) -> None:
-    """Continue a killed or finished run from its last checkpoint (optionally to more iterations)."""
-    api.resume(run, iterations=iterations, evaluate=eval)
+def resume(run: tyro.conf.Positional[Path], iterations: int | None = None, eval: bool = True, nproc: int = 1) -> None:
+    """Continue a killed or finished run from its last checkpoint (optionally to more iterations).
+
+    Args:
+        nproc: Processes to continue with (any number, whatever the run started with).
+    """
+    api.resume(run, iterations=iterations, evaluate=eval, nproc=nproc)
 
 
 @app.command(name="eval")
 def eval_(run: tyro.conf.Positional[Path], split: Literal["test", "val", "train"] = "test", every: int | None = None,
-          save_images: bool = False, device: str = "cpu") -> None:
+          save_images: bool = False, device: str = "cpu", nproc: int = 1) -> None:
     """Render held-out views and print PSNR/SSIM/LPIPS; writes RUN/eval.json.
 
     Args:
         every: Use every Nth view of the split (default: the run's --test-every).
         save_images: Also write the rendered views to RUN/eval_images/.
+        nproc: Split the views over this many local processes.
     """
-    api.evaluate(run, split=split, every=every, save_images=save_images, device=device)
+    api.evaluate(run, split=split, every=every, save_images=save_images, device=device, nproc=nproc)
 
 
 @app.command
 def render(run: tyro.conf.Positional[Path], out: Path | None = None, path: Literal["test", "orbit", "spiral", "train"] = "test",
            frames: int = 60, every: int = 1, video: bool = True, depth: bool = True, device: str = "cpu",
-           resolution_scale: float = 1.0, mode: Literal["rgb", "features"] = "rgb") -> None:
+           resolution_scale: float = 1.0, mode: Literal["rgb", "features"] = "rgb", nproc: int = 1) -> None:
     """Render RGB (and depth) images of a trained run along test views or a camera path, as PNG and MP4.
 
     Args:
@@ -72,9 +84,10 @@ def render(run: tyro.conf.Positional[Path], out: Path | None = None, path: Liter
         every: Use every Nth dataset view.
         resolution_scale: Render orbit/spiral frames at this fraction (or multiple) of the training resolution.
         mode: rgb: colour; features: the distilled feature field, PCA to RGB with one projection for all views.
+        nproc: Split the views over this many local processes.
     """
     api.render(run, out=out, path=path, frames=frames, every=every, video=video, depth=depth, device=device,
-               resolution_scale=resolution_scale, mode=mode)
+               resolution_scale=resolution_scale, mode=mode, nproc=nproc)
 
 
 @app.command(name="generate-scene")
@@ -82,6 +95,44 @@ def generate_scene(out: tyro.conf.Positional[Path], spec: Annotated[SceneSpec, F
     """Write a procedural multi-object scene with ground-truth object ids (Blender format)."""
     path = write_scene(out, spec)
     print(f"wrote scene to {path}")
+
+
+@app.command(name="process-images")
+def process_images(source: tyro.conf.Positional[Path], out: Path, num_frames: int = 100, every: int = 0,
+                   blur_threshold: float = 0.3, max_size: int = 1600,
+                   matching: Literal["auto", "exhaustive", "sequential"] = "auto",
+                   camera_model: Literal["SIMPLE_RADIAL", "RADIAL", "OPENCV", "PINHOLE", "SIMPLE_PINHOLE"] = "SIMPLE_RADIAL",
+                   single_camera: bool = True, max_features: int = 8192, min_registered: float = 0.5,
+                   format: Literal["auto", "llff", "nerfstudio", "colmap"] = "auto",
+                   threads: int = 0, seed: int = 0, overwrite: bool = False) -> None:
+    """Pose a folder of photos or a video with structure from motion (pycolmap) and write a scene to train on.
+
+    Example: dfield process-images my_photos/ --out scenes/desk   (then: dfield train scenes/desk)
+
+    Args:
+        source: A folder of photos (png/jpg) or a video file.
+        out: The scene folder to write: images/, sparse/0/, poses_bounds.npy or transforms.json, sfm.json.
+        num_frames: Video: about this many frames, one per equal window of the video.
+        every: Video: one frame per window of this many frames instead (0: use --num-frames).
+        blur_threshold: Video: the sharpest frame of each window is kept; those still below this fraction of
+            the median sharpness are skipped (0 keeps all).
+        max_size: Longest image side for SfM and the scene (larger photos and frames are shrunk; 0: keep).
+        matching: auto: all pairs for photos and videos up to 60 frames, sequential (+ loop pairs) for longer videos.
+        camera_model: COLMAP camera model to estimate (lens distortion is undone in the written images).
+        single_camera: All images share one camera (one phone, one zoom); --no-single-camera: one per image.
+        max_features: SIFT features per image.
+        min_registered: Fail unless at least this fraction of the images (and at least 3) registers.
+        format: Scene file: auto (llff for forward-facing captures, nerfstudio otherwise), llff, nerfstudio,
+            or colmap (sparse/0 only).
+        threads: CPU threads for SfM (0: all).
+        seed: Random seed of SfM (the same seed and threads give the same model).
+        overwrite: Replace a scene already processed in --out.
+    """
+    sfm = SfmOptions(matching=matching, camera_model=camera_model, single_camera=single_camera,
+                     max_features=max_features, threads=threads, seed=seed)
+    opt = CaptureOptions(every=every, num_frames=num_frames, blur_threshold=blur_threshold, max_size=max_size,
+                         min_registered=min_registered, format=format, sfm=sfm)
+    api.process_images(source, out, opt, overwrite=overwrite)
 
 
 @app.command
@@ -132,7 +183,7 @@ def query(run: tyro.conf.Positional[Path], text: tuple[str, ...] = (), patch: tu
 @app.command
 def distill(run: tyro.conf.Positional[Path], teacher: str, method: Literal["fit", "lift"] = "fit", iterations: int = 1000,
             dim: int = 32, batch_rays: int = 2048, loss: Literal["l2", "l1"] = "l2", lift_voxels: int = 96**3,
-            smooth: str = "", smooth_on: Literal["renders", "photos"] = "renders",
+            smooth: str = "auto", smooth_on: Literal["renders", "photos"] = "renders",
             smooth_mode: Literal["blur", "mean"] = "blur", smooth_sigma: float = 4.0, patch: int = 0, tv: float = 0.0,
             device: str = "cpu", threads: int = 0) -> None:
     """Add teacher features to a trained run and save them into it (features second, or one-pass lifting).
@@ -146,12 +197,13 @@ def distill(run: tyro.conf.Positional[Path], teacher: str, method: Literal["fit"
         dim: Width of the feature field (fit); a learned linear decoder maps it to the teacher's width.
         batch_rays: Rays per step (fit).
         lift_voxels: Voxels of the lifted grid (lift); only cells a ray reaches are stored, in fp16.
-        smooth: Smoother targets: segments:felzenszwalb|litemedsam|gt|files:FOLDER, or bilateral[:sigma_space=3,...].
+        smooth: Smoother targets: auto (the default, README "Smooth features"), none (raw teacher maps),
+            segments:felzenszwalb|litemedsam|sam:CHECKPOINT|gt|files:FOLDER, or bilateral[:sigma_space=3,...].
         smooth_on: Make masks on the trained field's renders of the training views, or on the photos.
         smooth_mode: Inside a region: Gaussian blur restricted to it, or the region's mean.
         smooth_sigma: Gaussian sigma of segment blur, image pixels.
         patch: Draw fit rays as P x P pixel patches (0: random rays).
-        tv: Weight of total variation on rendered feature patches (needs --patch >= 2).
+        tv: Weight of total variation on rendered feature patches (needs --patch >= 2; 0: none).
         threads: CPU threads for PyTorch (0: PyTorch's default).
     """
     api.distill(run, teacher, method=method, iterations=iterations, dim=dim, batch_rays=batch_rays, loss=loss,
@@ -178,6 +230,32 @@ def edit(run: tyro.conf.Positional[Path], spec: Path, out: Path | None = None, p
     """
     api.edit(run, spec, out=out, path=path, frames=frames, every=every, video=video, export_mesh=export_mesh,
              mesh_resolution=mesh_resolution, mesh_opacity=mesh_opacity, device=device)
+
+
+@app.command(name="guide-edit")
+def guide_edit(run: tyro.conf.Positional[Path], to: str, out: Path, cfg: Annotated[GuidedConfig, Flat],
+               where: str | None = None, clip: str | None = None, source_text: str = "a photo of an object",
+               eval_scene: Path | None = None, resume: bool = False, overwrite: bool = False,
+               device: str = "cpu") -> None:
+    """Train a guided local edit: the run stays frozen, a small edit field blended with it learns to make the region
+    what --to says; writes a run folder that render, eval, query, edit and view open.
+
+    Example: dfield guide-edit runs/toy --where click:3,40,58 --to painted/ --out runs/toy-green
+
+    Args:
+        to: What the region becomes: a folder of edited views (training renders you painted, named by view, e.g.
+            rgb_007.png from dfield render RUN --path train), an exemplar image, color:R,G,B, or a text (CLIP).
+        out: The edit's run folder.
+        where: The region: patch:VIEW,X0,Y0,X1,Y1, click:VIEW,X,Y, text:WORDS, box:X0,Y0,Z0,X1,Y1,Z1 or a query
+            file saved by the viewer. Optional with edited views (the painted pixels say where).
+        clip: CLIP / SigLIP weights for text guidance: hub name or local folder (default openai/clip-vit-base-patch16).
+        source_text: Text guidance: what the region is now (the directional loss's reference).
+        eval_scene: A generated scene variant (generate-scene --recolor / --remove / --add-sphere) to score against.
+        resume: Continue an interrupted edit in --out from its last checkpoint.
+        overwrite: Start over in an existing --out.
+    """
+    api.guide_edit(run, to, out, where=where, cfg=cfg, clip=clip, source_text=source_text, eval_scene=eval_scene,
+                   resume=resume, overwrite=overwrite, device=device)
 
 
 @app.command

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from dfield.app import api
 from dfield.app.api import console
 from dfield.config import TrainConfig
 from dfield.data.generate import SceneSpec, generate_scene
+from dfield.io.export import labelled_strip
 from dfield.query.evaluation import inscribed_square
 from dfield.query.spec import QuerySpec
 
@@ -95,14 +96,8 @@ def _demo_patch(scene_dir: Path, object_id: int) -> tuple[int, list[int], str]:
 def _demo_sheet(edits_dir: Path, ops: list[str]) -> Path:
     """One picture: the original test view, then each edit of it."""
     tiles = [("original", edits_dir / ops[0] / "original_000.png")] + [(op, edits_dir / op / "edited_000.png") for op in ops]
-    size = 200
-    sheet = Image.new("RGB", (size * len(tiles), size + 18), "white")
-    draw = ImageDraw.Draw(sheet)
-    for k, (label, path) in enumerate(tiles):
-        sheet.paste(Image.open(path).convert("RGB").resize((size, size), Image.NEAREST), (k * size, 18))
-        draw.text((k * size + 6, 3), label, fill="black")
     path = edits_dir / "overview.png"
-    sheet.save(path)
+    labelled_strip(tiles).save(path)
     return path
 
 

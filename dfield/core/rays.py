@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+from dfield.core.pixels import PixelRuns
 from dfield.data.dataset import Cameras, Dataset
+from dfield.data.store import trim
 
 
 @dataclass
@@ -107,6 +109,10 @@ class RayBatcher:
 
     Pixels are drawn uniformly over all training pixels. `restrict` limits the draw to a subset (e.g. the
     pixels whose rays hit the scene box), which saves work on rays that can only ever see background.
+
+    Target colours are read from the dataset's images where they lie, usually a memory map of the on-disk image
+    store (`dfield.data.store`), whose pages are handed back after every batch (`trim`): memory does not grow with
+    the number of images.
     """
 
     def __init__(self, data: Dataset, batch_size: int, seed: int = 0):
@@ -114,11 +120,14 @@ class RayBatcher:
         self.batch_size = batch_size
         self.gen = torch.Generator().manual_seed(seed)
         self.n_pixels = len(data) * data.height * data.width
-        self.pool: torch.Tensor | None = None  # flat pixel ids to draw from, None = all
+        self.pool: PixelRuns | None = None  # the pixels to draw from, None = all
         self.colors = data.images.reshape(-1, 3)
 
-    def restrict(self, pool: torch.Tensor | None) -> None:
-        """Draw from now on only from these flat pixel ids (1D long), or from all pixels again with None."""
+    def restrict(self, pool: PixelRuns | torch.Tensor | None) -> None:
+        """Draw from now on only from these pixels (PixelRuns, or a 1D long tensor of flat ids), or from all pixels
+        again with None."""
+        if pool is not None and not isinstance(pool, PixelRuns):
+            pool = PixelRuns.from_ids(torch.unique(torch.as_tensor(pool, dtype=torch.long)))
         self.pool = pool
 
     def sample(self) -> tuple[Rays, torch.Tensor, torch.Tensor]:
@@ -155,7 +164,9 @@ class RayBatcher:
     def rays_of(self, ids: torch.Tensor) -> tuple[Rays, torch.Tensor]:
         """Rays and target colours (R, 3) in [0, 1] of flat pixel ids."""
         rays = dataset_rays(self.data, *pixel_coords(ids, self.data.width, self.data.height))
-        return rays, self.colors[ids].float() / 255.0
+        colors = self.colors[ids].float() / 255.0
+        trim(self.colors)
+        return rays, colors
 
     def state(self) -> torch.Tensor:
         """The random generator's state (uint8 tensor), to checkpoint so a resumed run draws the same batches."""

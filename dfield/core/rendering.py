@@ -8,14 +8,14 @@ compositing maths stays simple dense tensor code.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 
 from dfield.core.contraction import Contraction
 from dfield.core.profiling import PROFILER
 from dfield.core.rays import Rays
-from dfield.core.sampling import OccupancyGrid, first_hit, march, march_window, plan_march
+from dfield.core.sampling import OccupancyGrid, RaySamples, first_hit, march, march_window, plan_march
 
 
 def weights_from_density(sigma: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +104,8 @@ class RenderSettings:
 
 
 def render_field(field: Field, rays: Rays, settings: RenderSettings, generator: torch.Generator | None = None,
-                 features: bool = False, channels: dict[str, Callable] | None = None) -> dict[str, torch.Tensor]:
+                 features: bool = False, channels: dict[str, Callable] | None = None,
+                 colors: bool = True) -> dict[str, torch.Tensor]:
     """March `rays` through `field` and composite colour (and features, and any extra per-point `channels`).
 
     Only samples that visibly contribute (weight > `settings.weight_threshold`) pay for colour and features.
@@ -117,6 +118,8 @@ def render_field(field: Field, rays: Rays, settings: RenderSettings, generator: 
         generator: jitters sample positions (training); None samples at cell midpoints.
         features: also composite `field.features` (when the field has them).
         channels: name -> function of points (M, 3) -> (M,) or (M, C), composited like features.
+        colors: False skips the colour branch (no `rgb` in the result): fitting features on a frozen field needs
+            only the weights.
 
     Returns:
         rgb (R, 3), depth (R,) (weighted distance, not divided by opacity), acc (R,) (opacity), and
@@ -134,7 +137,7 @@ def render_field(field: Field, rays: Rays, settings: RenderSettings, generator: 
     """
     s = settings
     if s.window > 0 and generator is None and not torch.is_grad_enabled():
-        return _render_terminated(field, rays, s, features, channels)
+        return _render_terminated(field, rays, s, features, channels, colors)
     with PROFILER.phase("march"):
         samples = march(rays, field.aabb, s.near, s.far, s.step, field.occupancy, generator, s.max_samples,
                         s.contraction)
@@ -145,10 +148,12 @@ def render_field(field: Field, rays: Rays, settings: RenderSettings, generator: 
     color_mask = samples.mask.clone()
     color_mask[samples.mask] = heavy
     pos = samples.positions[heavy]
-    with PROFILER.phase("color"):
-        rgb = composite(weights, scatter_samples(color_mask, field.color(pos, rays.directions[samples.ray_index[heavy]])))
     acc = weights.sum(-1)
-    out = {"rgb": rgb + (1.0 - acc)[:, None] * s.background, "depth": (weights * samples.t).sum(-1), "acc": acc}
+    out = {"depth": (weights * samples.t).sum(-1), "acc": acc}
+    if colors:
+        with PROFILER.phase("color"):
+            rgb = composite(weights, scatter_samples(color_mask, field.color(pos, rays.directions[samples.ray_index[heavy]])))
+        out["rgb"] = rgb + (1.0 - acc)[:, None] * s.background
     # Wide channels (a 384-d lifted feature) are summed per ray straight from the contributing samples: the
     # padded (rays, samples, C) layout would cost gigabytes per chunk. Stop-gradient on the weights: the
     # feature loss shapes features, never density (as in DFF).
@@ -182,28 +187,22 @@ def _skip_empty_front(rays: Rays, plan, grid: OccupancyGrid, s: RenderSettings) 
         plan.n = max(1, int(torch.ceil(span.max() / plan.step).item()) + 1)
 
 
-def _render_terminated(field: Field, rays: Rays, s: RenderSettings, features: bool,
-                       channels: dict[str, Callable] | None) -> dict[str, torch.Tensor]:
-    """`render_field` without gradients, `s.window` steps at a time: rays leave once their transmittance drops
-    below `s.stop_transmittance` (behind an opaque surface nothing more can be seen) or their box ends, so the
-    march, the occupancy look-ups and the density of every later step are skipped.
+def _terminated_windows(field: Field, rays: Rays, s: RenderSettings) -> Iterator[tuple[torch.Tensor, RaySamples, torch.Tensor]]:
+    """March `rays` `s.window` steps at a time without gradients, yielding per window the rays still going `idx`
+    (K,), their samples (RaySamples over those K rays) and the samples' rendering weights (K, window), already
+    multiplied by the transmittance each ray brought in. Rays leave once their transmittance drops below
+    `s.stop_transmittance` (behind an opaque surface nothing more can be seen) or their box ends, so the march,
+    the occupancy look-ups and the density of every later step are skipped.
 
     The same samples (up to the stop) get the same weights as in one pass: each window's weights are its own
     front-to-back weights times the transmittance the ray brought in. What a stopped ray leaves out weighs less
-    than `stop_transmittance` in total; a ray whose samples no edit touches stops at the same step as before.
+    than `s.stop_transmittance` in total; a ray whose samples no edit touches stops at the same step as before.
     """
-    R, device = len(rays), rays.origins.device
     with PROFILER.phase("march"):
         plan = plan_march(rays, field.aabb, s.near, s.far, s.step, None, s.max_samples, s.contraction)
         if isinstance(field.occupancy, OccupancyGrid) and s.contraction is None:
             _skip_empty_front(rays, plan, field.occupancy, s)
-    trans = torch.ones(R, device=device)
-    rgb = torch.zeros(R, 3, device=device)
-    depth = torch.zeros(R, device=device)
-    acc = torch.zeros(R, device=device)
-    wide: dict[str, torch.Tensor] = {}
-    wanted = {} if not (features and field.features is not None) else {"feature": field.features}
-    wanted.update({name: (lambda fn: lambda p: fn(p).float())(fn) for name, fn in (channels or {}).items()})
+    trans = torch.ones(len(rays), device=rays.origins.device)
     idx = plan.hit.nonzero()[:, 0]
     for j0 in range(0, plan.n, s.window):
         if len(idx) == 0:
@@ -215,16 +214,69 @@ def _render_terminated(field: Field, rays: Rays, s: RenderSettings, features: bo
             sigma = scatter_samples(smp.mask, field.density(smp.positions))
         w, left = weights_from_density(sigma, smp.dt)
         w = w * trans[idx, None]
+        yield idx, smp, w
+        trans[idx] = trans[idx] * left
+        last_t = plan.near + (plan.k0[idx] + (j1 - 1) + plan.offset[idx, 0]) * plan.step
+        idx = idx[(trans[idx] > s.stop_transmittance) & (last_t + plan.step < plan.t_out[idx])]
+
+
+@dataclass
+class VisibleSamples:
+    """The samples of R rays that a render composites (rendering weight above the settings' threshold), flat:
+    `ray` (M,) which ray each belongs to, `t` (M,) its distance along the ray, `weight` (M,) its rendering weight."""
+
+    ray: torch.Tensor
+    t: torch.Tensor
+    weight: torch.Tensor
+
+
+@torch.no_grad()
+def visible_samples(field: Field, rays: Rays, settings: RenderSettings) -> VisibleSamples:
+    """Where `rays` see `field`: the samples `render_field` would composite colour and features from (without
+    jitter), with their weights. Rendering features of a frozen field again is then only a weighted sum of the
+    feature function at o + t d, with no march and no density (`dfield.features.fitting`).
+
+    Example:
+        >>> class Slab:  # a half-opaque slab at 0.5 < z < 0.6
+        ...     aabb, occupancy, features = torch.tensor([[-1.0] * 3, [1.0] * 3]), None, None
+        ...     def density(self, x): return 7.0 * ((x[:, 2] > 0.5) & (x[:, 2] < 0.6))
+        >>> rays = Rays(torch.tensor([[0.0, 0, -3]]), torch.tensor([[0.0, 0, 1]]))
+        >>> v = visible_samples(Slab(), rays, RenderSettings(0.0, 6.0, 0.01, torch.ones(3)))
+        >>> round(v.weight.sum().item(), 2), round(v.t.min().item(), 1), round(v.t.max().item(), 1)
+        (0.5, 3.5, 3.6)
+    """
+    parts = []
+    for idx, smp, w in _terminated_windows(field, rays, settings):
+        keep = smp.mask & (w > settings.weight_threshold)
+        parts.append((idx[:, None].expand_as(keep)[keep], smp.t[keep], w[keep]))
+    if not parts:
+        empty = rays.origins.new_zeros(0)
+        return VisibleSamples(empty.long(), empty, empty)
+    return VisibleSamples(*(torch.cat(x) for x in zip(*parts)))
+
+
+def _render_terminated(field: Field, rays: Rays, s: RenderSettings, features: bool,
+                       channels: dict[str, Callable] | None, colors: bool = True) -> dict[str, torch.Tensor]:
+    """`render_field` without gradients, through `_terminated_windows` (rays stop once nothing more can be seen)."""
+    R, device = len(rays), rays.origins.device
+    rgb = torch.zeros(R, 3, device=device)
+    depth = torch.zeros(R, device=device)
+    acc = torch.zeros(R, device=device)
+    wide: dict[str, torch.Tensor] = {}
+    wanted = {} if not (features and field.features is not None) else {"feature": field.features}
+    wanted.update({name: (lambda fn: lambda p: fn(p).float())(fn) for name, fn in (channels or {}).items()})
+    for idx, smp, w in _terminated_windows(field, rays, s):
         heavy = w[smp.mask] > s.weight_threshold
         color_mask = smp.mask.clone()
         color_mask[smp.mask] = heavy
         pos = smp.positions[heavy]
         ray_heavy = idx[smp.ray_index[heavy]]
         if len(pos):
-            with PROFILER.phase("color"):
-                col = field.color(pos, rays.directions[ray_heavy])
             w_heavy = w[color_mask]
-            rgb.index_add_(0, ray_heavy, w_heavy[:, None] * col)
+            if colors:
+                with PROFILER.phase("color"):
+                    col = field.color(pos, rays.directions[ray_heavy])
+                rgb.index_add_(0, ray_heavy, w_heavy[:, None] * col)
             for name, fn in wanted.items():
                 with PROFILER.phase("features" if name == "feature" else "channels"):
                     v = fn(pos)
@@ -234,10 +286,9 @@ def _render_terminated(field: Field, rays: Rays, s: RenderSettings, features: bo
                 wide[name].index_add_(0, ray_heavy, w_heavy[:, None].to(v) * v)
         depth[idx] += (w * smp.t).sum(-1)
         acc[idx] += w.sum(-1)
-        trans[idx] = trans[idx] * left
-        last_t = plan.near + (plan.k0[idx] + (j1 - 1) + plan.offset[idx, 0]) * plan.step
-        idx = idx[(trans[idx] > s.stop_transmittance) & (last_t + plan.step < plan.t_out[idx])]
-    out = {"rgb": rgb + (1.0 - acc)[:, None] * s.background, "depth": depth, "acc": acc}
+    out = {"depth": depth, "acc": acc}
+    if colors:
+        out["rgb"] = rgb + (1.0 - acc)[:, None] * s.background
     for name in wanted:
         if name in wide:
             out[name] = wide[name] if name == "feature" else wide[name].squeeze(-1)

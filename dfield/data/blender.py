@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from dfield.data.dataset import Cameras, DataError, Dataset
-from dfield.data.images import find_image, image_size, read_ids, read_image, scaled_size
+from dfield.data.distortion import LensCamera, undistorted_intrinsics
+from dfield.data.images import find_image, image_size, read_id_stack, read_image_stack, scaled_size
 from dfield.data.splits import holdout_indices
 
 SPLIT_FILES = ("train", "val", "test")  # transforms_{split}.json
@@ -57,7 +58,9 @@ def scene_files(path: Path) -> tuple[Path, dict[str, Path]]:
 
 
 def _parse_frames(json_path: Path, meta: dict, root: Path) -> list[_Frame]:
-    top = {k: meta[k] for k in _INTRINSIC_KEYS if k in meta}
+    keys = _INTRINSIC_KEYS + _DISTORTION_KEYS
+    top = {k: meta[k] for k in keys if k in meta}
+    fisheye = "FISHEYE" in str(meta.get("camera_model", "OPENCV")).upper()
     distorted = any(meta.get(k) for k in _DISTORTION_KEYS)
     frames = []
     for i, fr in enumerate(meta["frames"]):
@@ -75,10 +78,12 @@ def _parse_frames(json_path: Path, meta: dict, root: Path) -> list[_Frame]:
             raise DataError(f"{where}: transform_matrix has non-finite values")
         distorted |= any(fr.get(k) for k in _DISTORTION_KEYS)
         ids = fr.get("id_path")
-        frames.append(_Frame(json_path, i, m[:3], {**top, **{k: fr[k] for k in _INTRINSIC_KEYS if k in fr}},
+        frames.append(_Frame(json_path, i, m[:3], {**top, **{k: fr[k] for k in keys if k in fr}},
                              root / fr["file_path"], None if ids is None else root / str(ids)))
-    if distorted:
-        warnings.warn(f"{json_path}: lens distortion ({meta.get('camera_model', 'OPENCV')}) is ignored", stacklevel=4)
+    if distorted and fisheye:
+        warnings.warn(f"{json_path}: lens distortion ({meta.get('camera_model')}) is ignored", stacklevel=4)
+    for f in frames:
+        f.intrinsics["fisheye"] = fisheye
     return frames
 
 
@@ -108,6 +113,18 @@ def _intrinsics(f: _Frame, width: int, height: int) -> tuple[float, float, float
     if not all(math.isfinite(v) for v in (fx, fy, cx, cy)) or fx <= 0 or fy <= 0:
         raise DataError(f"{f.json_path}: frame {f.index}: bad intrinsics fx={fx} fy={fy} cx={cx} cy={cy}")
     return fx, fy, cx, cy
+
+
+def _coefficients(f: _Frame) -> np.ndarray | None:
+    """The OPENCV distortion of a frame as (k1, k2, p1, p2, k3, 0, 0, 0) for `dfield.data.distortion`, or None
+    when it has none (or a fisheye model, which is not undone)."""
+    k = f.intrinsics
+    if k.get("fisheye") or not any(k.get(n) for n in _DISTORTION_KEYS):
+        return None
+    try:
+        return np.array([float(k.get(n, 0.0)) for n in ("k1", "k2", "p1", "p2", "k3")] + [0.0] * 3)
+    except (TypeError, ValueError):
+        raise DataError(f"{f.json_path}: frame {f.index}: distortion coefficients are not numbers") from None
 
 
 def estimate_bounds(c2w: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -173,7 +190,8 @@ def read_blender(path: Path, split: str = "train", downscale: float = 1.0, backg
 
     `split` is train, val, test or all. With transforms_{train,val,test}.json the files are the splits (val falls
     back to test); with a single transforms.json every `holdout_every`-th frame is held out for val/test. Images
-    are resized by 1 / `downscale` and composited onto `background`; intrinsics follow. Bounds come from
+    are resized by 1 / `downscale` and composited onto `background`; intrinsics follow. OPENCV lens distortion
+    (k1, k2, k3, p1, p2) is undone on load (`dfield.data.distortion.undistort_image`). Bounds come from
     "aabb" / "near" / "far" in the json when present, else `estimate_bounds` over the cameras of every split.
     Per-pixel object ids ("id_path") and objects.json names are read when the scene has them.
 
@@ -216,12 +234,7 @@ def read_blender(path: Path, split: str = "train", downscale: float = 1.0, backg
         raise DataError(f"{f.json_path}: frame {f.index} has no 'id_path' but other frames do")
     object_ids = None
     if all(has_ids):
-        maps = [read_ids(f.ids, downscale) for f in chosen]
-        for f, m in zip(chosen, maps):
-            if m.shape != (out_h, out_w):
-                raise DataError(f"{f.ids}: id map is {m.shape[1]}x{m.shape[0]} after downscaling, "
-                                f"but the images are {out_w}x{out_h}")
-        object_ids = torch.from_numpy(np.stack(maps))
+        object_ids = read_id_stack([f.ids for f in chosen], downscale, (out_w, out_h))
 
     every_c2w = np.stack([f.c2w for fs in frames.values() for f in fs])
     aabb, near, far = None, None, None
@@ -235,7 +248,14 @@ def read_blender(path: Path, split: str = "train", downscale: float = 1.0, backg
         aabb = est_aabb if aabb is None else aabb
         near, far = (est_near, est_far) if near is None else (near, far)
 
-    images = torch.from_numpy(np.stack([read_image(f.image, downscale, background) for f in chosen]))
+    lenses = []
+    for i, f in enumerate(chosen):
+        coeffs = _coefficients(f)
+        # OPENCV: undistorted (as it is decoded) to a pinhole camera of the same size and principal point
+        lenses.append(None if coeffs is None else LensCamera(*k[i], out_w, out_h, coeffs))
+        if lenses[-1] is not None:
+            k[i] = undistorted_intrinsics(lenses[-1])
+    images = read_image_stack([f.image for f in chosen], downscale, background, lenses)
     kt = torch.from_numpy(k).float()
     cameras = Cameras(c2w=torch.from_numpy(np.stack([f.c2w for f in chosen])).float(),
                       fx=kt[:, 0], fy=kt[:, 1], cx=kt[:, 2], cy=kt[:, 3], width=out_w, height=out_h)

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from dfield.data.dataset import Cameras, DataError, Dataset
-from dfield.data.images import find_image, pick_image_folder, read_image
+from dfield.data.distortion import MODEL_PARAMS, lens_camera, undistorted_intrinsics
+from dfield.data.images import find_image, image_size, pick_image_folder, read_image_stack, scaled_size
 from dfield.data.splits import holdout_indices
 
 # model id -> (name, number of parameters); the ids are COLMAP's and fix the binary layout.
@@ -24,7 +25,7 @@ CAMERA_MODELS = {
     9: ("RADIAL_FISHEYE", 5), 10: ("THIN_PRISM_FISHEYE", 12),
 }
 MODEL_IDS = {name: (i, n) for i, (name, n) in CAMERA_MODELS.items()}
-SUPPORTED = ("SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV")
+SUPPORTED = tuple(MODEL_PARAMS)  # perspective models; lens distortion is undone on load
 
 
 @dataclass
@@ -203,14 +204,6 @@ def c2w_opengl(qvec: np.ndarray, tvec: np.ndarray) -> np.ndarray:
     return c2w
 
 
-def _pinhole(cam: ColmapCamera) -> tuple[float, float, float, float, bool]:
-    """fx, fy, cx, cy and whether the model has non-zero distortion (which is then ignored)."""
-    p = cam.params
-    if cam.model in ("SIMPLE_PINHOLE", "SIMPLE_RADIAL", "RADIAL"):
-        return p[0], p[0], p[1], p[2], bool(np.any(p[3:] != 0))
-    return p[0], p[1], p[2], p[3], bool(np.any(p[4:] != 0))
-
-
 def find_model(root: Path) -> Path | None:
     """The folder holding cameras.{bin,txt}: sparse/0, sparse, or the scene folder itself."""
     for d in (root / "sparse" / "0", root / "sparse", root):
@@ -228,8 +221,15 @@ def _model_file(folder: Path, stem: str, required: bool = True) -> Path | None:
     return None
 
 
-def _normalisation(centres: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
-    """centre, scale and the normalised aabb: the 1st..99th percentile box of the points maps into [-1, 1]^3."""
+def normalisation(centres: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+    """centre, scale and the normalised aabb: the 1st..99th percentile box of the (N, 3) `points` maps into
+    [-1, 1]^3 by x -> (x - centre) * scale; with fewer than 10 points, the camera `centres` bound the scene.
+
+    Example:
+        >>> c, s, box = normalisation(np.zeros((1, 3)), np.random.default_rng(0).uniform(2, 4, (1000, 3)))
+        >>> round(float(np.abs(box).max()), 9)
+        1.0
+    """
     if len(points) >= 10:
         lo, hi = np.percentile(points, 1, axis=0), np.percentile(points, 99, axis=0)
         centre = (lo + hi) / 2
@@ -254,8 +254,9 @@ def _observed(images: list[ColmapImage], point_ids: np.ndarray, xyz: np.ndarray)
     return out
 
 
-def _near_far(c2w: np.ndarray, obs: list[np.ndarray]) -> tuple[float, float]:
-    """near/far from the depths of the points each view observes (2nd..98th percentile, padded)."""
+def near_far(c2w: np.ndarray, obs: list[np.ndarray]) -> tuple[float, float]:
+    """near/far for (N, 3, 4) OpenGL poses from the depths of the points each view observes (`obs`: one (M, 3)
+    array per view; 2nd..98th percentile of all depths, padded by 0.5x and 1.5x)."""
     depths = [((p - c[:, 3]) @ -c[:, 2]) for c, p in zip(c2w, obs) if len(p)]
     depths = np.concatenate(depths) if depths else np.zeros(0)
     depths = depths[depths > 0]
@@ -271,7 +272,9 @@ def read_colmap(root: Path, split: str = "train", downscale: float = 1.0, backgr
     Images sorted by name; every `holdout_every`-th is held out for val/test (`split` train, val, test or all).
     Poses become OpenGL camera-to-world, and the scene is shifted and scaled so the 1st..99th percentile box
     of the 3D points fits in [-1, 1]^3 (that box is the aabb); near/far come from the depths of the points
-    each view observes. Pinhole-like models only; lens distortion is ignored with a warning.
+    each view observes. Perspective models (`SUPPORTED`); images of a camera with lens distortion are
+    undistorted on load to a pinhole camera of the same size (`dfield.data.distortion.undistort_image`: same
+    principal point, focal lengths zoomed so no pixel comes from outside the photo), per image.
 
     Raises:
         DataError: no model, malformed files, unsupported camera models, invalid poses or images of different sizes.
@@ -298,8 +301,12 @@ def read_colmap(root: Path, split: str = "train", downscale: float = 1.0, backgr
     if bad := used - set(SUPPORTED):
         raise DataError(f"{cams_file}: camera model {', '.join(sorted(bad))} is not supported "
                         f"({', '.join(SUPPORTED)} are)")
-    if any(_pinhole(cams[im.camera_id])[4] for im in order):
-        warnings.warn(f"{model}: lens distortion is ignored", stacklevel=3)
+    lenses_by_id = {}
+    for cid in sorted({im.camera_id for im in order}):
+        try:
+            lenses_by_id[cid] = lens_camera(cams[cid].model, cams[cid].params, cams[cid].width, cams[cid].height)
+        except DataError as e:
+            raise DataError(f"{cams_file}: camera {cid}: {e}") from None
 
     folder, rest = pick_image_folder(root, downscale)
     with np.errstate(divide="ignore", invalid="ignore"):  # a zero qvec becomes NaN, reported below
@@ -308,29 +315,29 @@ def read_colmap(root: Path, split: str = "train", downscale: float = 1.0, backgr
         bad = order[int(np.nonzero(~np.isfinite(c2w_all).all(axis=(1, 2)))[0][0])]
         raise DataError(f"{model}: image {bad.name} has an invalid pose (qvec {bad.qvec}, tvec {bad.tvec})")
     xyz = np.stack(list(points.values())) if points else np.zeros((0, 3))
-    centre, scale, aabb = _normalisation(c2w_all[:, :, 3], xyz)
+    centre, scale, aabb = normalisation(c2w_all[:, :, 3], xyz)
     c2w_all[:, :, 3] = (c2w_all[:, :, 3] - centre) * scale
     xyz_n = (xyz - centre) * scale
     obs = _observed(order, np.fromiter(points.keys(), np.int64, len(points)), xyz_n)
-    near, far = _near_far(c2w_all, obs)
+    near, far = near_far(c2w_all, obs)
 
     sel = [order[i] for i in chosen]
     paths = [find_image(folder / im.name) for im in sel]
-    images = [read_image(p, rest, background) for p in paths]
-    for p, a in zip(paths, images):
-        if a.shape != images[0].shape:
-            raise DataError(f"{p}: image is {a.shape[1]}x{a.shape[0]}, but {paths[0]} is "
-                            f"{images[0].shape[1]}x{images[0].shape[0]}; all images must have the same size")
-    height, width = images[0].shape[:2]
-    k = []
-    for im in sel:
-        cam = cams[im.camera_id]
-        fx, fy, cx, cy, _ = _pinhole(cam)
-        sx, sy = width / cam.width, height / cam.height  # intrinsics are for the full-size images
-        k.append((fx * sx, fy * sy, cx * sx, cy * sy))
+    # Intrinsics are for the full-size images; the coefficients act on normalised coordinates and stay.
+    width, height = scaled_size(*image_size(paths[0]), rest)
+    scaled = {}  # camera id -> (lens at the images' size, its undistorted intrinsics), worked out once per camera
+    for cid in sorted({im.camera_id for im in sel}):
+        lens = lenses_by_id[cid].scaled(width, height)
+        try:
+            scaled[cid] = (lens, undistorted_intrinsics(lens))
+        except DataError as e:
+            raise DataError(f"{cams_file}: camera {cid}: {e}") from None
+    lenses = [scaled[im.camera_id][0] for im in sel]
+    k = [scaled[im.camera_id][1] for im in sel]
+    images = read_image_stack(paths, rest, background, lenses)  # checks that the sizes match
     kt = torch.tensor(k, dtype=torch.float32)
     cameras = Cameras(c2w=torch.from_numpy(c2w_all[chosen]).float(), fx=kt[:, 0], fy=kt[:, 1], cx=kt[:, 2],
                       cy=kt[:, 3], width=width, height=height)
-    return Dataset(images=torch.from_numpy(np.stack(images)), cameras=cameras, image_paths=paths,
+    return Dataset(images=images, cameras=cameras, image_paths=paths,
                    aabb=torch.from_numpy(aabb).float(), near=near, far=far, background=tuple(background),
                    split=split, source=str(root), format="colmap", scene_c2w=torch.from_numpy(c2w_all).float())

@@ -72,7 +72,8 @@ N_PILLARS = 9
 @dataclass
 class SceneSpec:
     """What `generate_scene` renders: seed (layout, light, cameras), views per split, image size, object count
-    and the cameras' field of view, distance and elevation range."""
+    and the cameras' field of view, distance and elevation range; `texture` > 0 adds procedural noise to every
+    surface (multiplies albedo by 1 +- 1.5 texture x noise), the detail feature matching needs."""
 
     seed: int = 0
     n_train: int = 60
@@ -88,6 +89,11 @@ class SceneSpec:
     radius_max: float = 4.0
     elevation_min_deg: float = 15.0
     elevation_max_deg: float = 60.0
+    texture: float = 0.0  # 0..1: multiply every surface by procedural noise (features for structure from motion)
+    # Variants of the same scene (same layout, light and cameras), the ground truth of guided edits:
+    recolor: tuple[float, ...] = ()  # (ID, R, G, B): object ID takes this colour (its pattern keeps its shade)
+    remove: int = 0  # object ID is left out
+    add_sphere: tuple[float, ...] = ()  # (X, Y, Z, RADIUS, R, G, B): one more (plain) sphere, id n_objects + 2
     unbounded: bool = False  # surroundings to the horizon: ground, far pillars and a sky (see the module docstring)
 
 
@@ -382,7 +388,27 @@ def _rays(c2w, focal, width, height, ss):
     return np.broadcast_to(c2w[:3, 3], d.shape), d
 
 
-def _render(objects, light, c2w, focal, width, height, ss, far=None):
+def _noise(p, seed, octaves=(5.0, 11.0, 23.0, 47.0)):
+    """Value noise in [0, 1] at world points (N, 3): hashed lattice values, trilinearly interpolated, averaged over
+    lattice frequencies (cells per unit) so features show at every image scale. Fixed by the seed."""
+    total = np.zeros(len(p))
+    for k, freq in enumerate(octaves):
+        q = p * freq
+        base = np.floor(q).astype(np.int64)
+        f = q - base
+        f = f * f * (3 - 2 * f)  # smoothstep: no creases along the lattice
+        for corner in range(8):
+            c = np.array([(corner >> a) & 1 for a in range(3)])
+            h = ((base + c).astype(np.uint64) * np.array([73856093, 19349663, 83492791], np.uint64)).sum(1)
+            h ^= np.uint64(seed * 2654435761 + k * 40503 + 1)
+            h = (h ^ (h >> np.uint64(29))) * np.uint64(0xBF58476D1CE4E5B9)  # splitmix-style mixing
+            h ^= h >> np.uint64(32)
+            w = np.prod(np.where(c == 1, f, 1 - f), axis=1)
+            total += w * (h & np.uint64(0xFFFF)).astype(np.float64) / 0xFFFF
+    return total / len(octaves)
+
+
+def _render(objects, light, c2w, focal, width, height, ss, texture=0.0, seed=0, far=None):
     """(H, W, 4) uint8 RGBA with straight alpha, and (H, W) uint8 ids of the pixel-centre rays. `far`: the
     surroundings of an unbounded scene (`_surroundings`), seen by every ray that misses the objects and the disk."""
     o, d = _rays(c2w, focal, width, height, ss)
@@ -390,6 +416,10 @@ def _render(objects, light, c2w, focal, width, height, ss, far=None):
     hit = ids > 0
     color = np.zeros((len(d), 3))
     color[hit] = _shade(objects, light, o[hit], d[hit], t[hit], ids[hit])
+    if texture > 0:  # multiplies albedo (shading is linear in it); stretched so neighbouring cells differ clearly
+        n = _noise(o[hit] + t[hit, None] * d[hit], seed)
+        color[hit] *= np.clip(1 + texture * 3 * (n - 0.5), 0.1, 2.0)[:, None]
+        color = np.clip(color, 0, 1)
     if far is not None:
         miss = ~hit
         color[miss] = _shade_surroundings(far, objects, light, o[miss], d[miss])
@@ -511,6 +541,33 @@ def _near_far(c2ws):
     return math.floor(max(near, 0.05) * 100) / 100, math.ceil(far * 100) / 100
 
 
+def _variant(objects: list, spec: SceneSpec) -> dict:
+    """Apply the spec's recolour / removal / added sphere to the laid-out objects (in place); what changed."""
+    out = {}
+    ids = [o.id for o in objects]
+    if spec.recolor:
+        if len(spec.recolor) != 4 or int(spec.recolor[0]) not in ids or not all(0 <= c <= 1 for c in spec.recolor[1:]):
+            raise ValueError(f"recolor is (ID, R, G, B) with ID one of {ids} and colours in [0, 1], got {spec.recolor}")
+        obj = objects[ids.index(int(spec.recolor[0]))]
+        obj.color = np.array(spec.recolor[1:], dtype=float)
+        out["recolor"] = {"id": obj.id, "color": _round(obj.color)}
+    if spec.remove:
+        if spec.remove not in ids:
+            raise ValueError(f"remove names an object id, one of {ids}; got {spec.remove}")
+        objects[:] = [o for o in objects if o.id != spec.remove]
+        out["remove"] = {"id": spec.remove}
+    if spec.add_sphere:
+        if len(spec.add_sphere) != 7 or spec.add_sphere[3] <= 0 or not all(0 <= c <= 1 for c in spec.add_sphere[4:]):
+            raise ValueError(f"add_sphere is (X, Y, Z, RADIUS, R, G, B), radius > 0, colours in [0, 1]; got {spec.add_sphere}")
+        x, y, z, r = spec.add_sphere[:4]
+        new_id = spec.n_objects + 2
+        objects.append(_Object(id=new_id, name="added sphere", shape="sphere", color=np.array(spec.add_sphere[4:], float),
+                               pattern="plain", period=0.1, center=np.array([x, y, z], float), yaw=0.0,
+                               params={"radius": float(r)}, footprint=float(r)))
+        out["add"] = {"id": new_id, "center": _round([x, y, z]), "radius": float(r)}
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -525,6 +582,7 @@ def _build(spec: SceneSpec):
     if not 0 <= spec.shared_colors < spec.n_objects:
         raise ValueError(f"shared_colors must be 0..n_objects-1 ({spec.n_objects - 1}), got {spec.shared_colors}")
     objects = _layout(spec.n_objects, rng, spec.shared_colors)
+    variant = _variant(objects, spec)  # after the layout: the random draws below stay the same
     azimuth, elevation = rng.uniform(0, 2 * math.pi), rng.uniform(math.radians(40), math.radians(60))
     light = np.array([math.cos(elevation) * math.cos(azimuth), math.cos(elevation) * math.sin(azimuth),
                       math.sin(elevation)])
@@ -538,7 +596,7 @@ def _build(spec: SceneSpec):
     if spec.unbounded:  # drawn last, so a scene's objects and cameras do not depend on it
         far_content = _surroundings(rng)
         far = math.ceil(SKY_RADIUS + max(np.linalg.norm(c[:3, 3]) for cams in splits.values() for c in cams))
-    return objects, light, splits, near, far, far_content
+    return objects, light, splits, near, far, far_content, variant
 
 
 def render_view(spec: SceneSpec, c2w, width: int | None = None, height: int | None = None) -> dict[str, np.ndarray]:
@@ -552,11 +610,12 @@ def render_view(spec: SceneSpec, c2w, width: int | None = None, height: int | No
         >>> view["rgba"].shape, bool(np.isfinite(view["depth"]).all())
         ((8, 8, 4), True)
     """
-    objects, light, _, _, _, far_content = _build(spec)
+    objects, light, _, _, _, far_content, _ = _build(spec)
     width, height = width or spec.width, height or spec.height
     focal = 0.5 * width / math.tan(0.5 * spec.camera_angle_x)
     c2w = np.asarray(c2w, dtype=np.float64)[:3]
-    rgba, ids = _render(objects, light, c2w, focal, width, height, spec.supersample, far_content)
+    rgba, ids = _render(objects, light, c2w, focal, width, height, spec.supersample, spec.texture, spec.seed,
+                        far_content)
     o, d = _rays(c2w, focal, width, height, 1)
     t, hit = _trace(objects, o, d)
     if far_content is not None:
@@ -570,14 +629,15 @@ def generate_scene(out_dir, spec: SceneSpec | None = None) -> Path:
     return it."""
     spec = SceneSpec() if spec is None else spec
     out = Path(out_dir)
-    objects, light, splits, near, far, far_content = _build(spec)
+    objects, light, splits, near, far, far_content, variant = _build(spec)
     focal = 0.5 * spec.width / math.tan(0.5 * spec.camera_angle_x)
 
     for name, cams in splits.items():
         (out / name).mkdir(parents=True, exist_ok=True)
         frames = []
         for i, c2w in enumerate(cams):
-            rgba, ids = _render(objects, light, c2w, focal, spec.width, spec.height, spec.supersample, far_content)
+            rgba, ids = _render(objects, light, c2w, focal, spec.width, spec.height, spec.supersample, spec.texture,
+                                spec.seed, far_content)
             Image.fromarray(rgba, "RGBA").save(out / name / f"r_{i}.png")
             Image.fromarray(ids, "L").save(out / name / f"id_{i}.png")
             frames.append({"file_path": f"./{name}/r_{i}", "transform_matrix": _round(c2w),
@@ -593,5 +653,7 @@ def generate_scene(out_dir, spec: SceneSpec | None = None) -> Path:
             "light": {"direction": _round(light), "ambient": AMBIENT, "diffuse": DIFFUSE}, "spec": asdict(spec)}
     if far_content is not None:
         info["surroundings"] = {"sky_radius": SKY_RADIUS, "pillars": [p.to_json() for p in far_content]}
+    if variant:
+        info["variant"] = variant
     (out / "objects.json").write_text(json.dumps(info, indent=2) + "\n")
     return out

@@ -7,9 +7,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from dfield.data.dataset import DataError
+from dfield.data.distortion import LensCamera, undistort_image, undistorted_intrinsics
+from dfield.data.store import check_shape, stored_stack
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
@@ -150,3 +153,67 @@ def read_ids(path: Path, downscale: float = 1.0) -> np.ndarray:
     rows = ((np.arange(h) + 0.5) * (im.height / h)).astype(np.int64)
     cols = ((np.arange(w) + 0.5) * (im.width / w)).astype(np.int64)
     return ids[rows[:, None], cols[None, :]].astype(np.int16)
+
+
+def read_image_stack(paths: list[Path], downscale: float = 1.0, background=(1.0, 1.0, 1.0),
+                     lenses: list[LensCamera | None] | None = None) -> torch.Tensor:
+    """uint8 (N, H, W, 3) images of `paths` as `read_image` makes them, decoded once into the on-disk image store
+    and memory-mapped from it (`dfield.data.store`): a scene's pixels are never all in memory.
+
+    `lenses[i]`, when given and not None, is image i's distorted camera at the downscaled size; the image is
+    undistorted as it is decoded, to the pinhole camera `undistorted_intrinsics(lenses[i])` (the caller's
+    intrinsics), so the store holds undistorted pixels and nothing is written into the mapped array afterwards.
+
+    Raises:
+        DataError: an unreadable image, or images of different sizes (the sizes are read from the file headers
+            before anything is decoded).
+    """
+    paths = [Path(p) for p in paths]
+    sizes = [scaled_size(*image_size(p), downscale) for p in paths]
+    for p, s in zip(paths, sizes):
+        if s != sizes[0]:
+            raise DataError(f"{p}: image is {s[0]}x{s[1]}, but {paths[0]} is {sizes[0][0]}x{sizes[0][1]}; "
+                            "all images must have the same size")
+    w, h = sizes[0]
+    bg = tuple(float(c) for c in background)
+    lenses = list(lenses) if lenses is not None else [None] * len(paths)
+    settings = f"rgb {float(downscale)!r} {bg!r}"
+    if any(cam is not None and cam.distorted for cam in lenses):
+        settings += " " + repr([None if c is None else (c.fx, c.fy, c.cx, c.cy, c.width, c.height,
+                                                        np.asarray(c.coeffs, np.float64).tolist()) for c in lenses])
+
+    pinholes: dict[int, tuple] = {}  # id(lens) -> its undistorted intrinsics: images of one camera share a lens
+
+    def decode(i: int) -> np.ndarray:
+        image = check_shape(read_image(paths[i], downscale, bg), (h, w, 3), paths[i])
+        lens = lenses[i]
+        if lens is not None:
+            if id(lens) not in pinholes:
+                pinholes[id(lens)] = undistorted_intrinsics(lens)
+            image = undistort_image(image, lens, pinholes[id(lens)])[0]
+        return image
+
+    return stored_stack(paths, (len(paths), h, w, 3), np.uint8, decode, settings)
+
+
+def read_id_stack(paths: list[Path], downscale: float, size: tuple[int, int]) -> torch.Tensor:
+    """int16 (N, H, W) object-id maps of `paths` as `read_ids` makes them, `size` = (W, H) after downscaling, kept in
+    the image store like `read_image_stack`.
+
+    Raises:
+        DataError: an unreadable map, or one whose downscaled size is not `size`.
+    """
+    paths = [Path(p) for p in paths]
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"{p}: image not found")
+    w, h = size
+
+    def decode(i: int) -> np.ndarray:
+        m = read_ids(paths[i], downscale)
+        if m.shape != (h, w):
+            raise DataError(f"{paths[i]}: id map is {m.shape[1]}x{m.shape[0]} after downscaling, "
+                            f"but the images are {w}x{h}")
+        return m
+
+    return stored_stack(paths, (len(paths), h, w), np.int16, decode, f"ids {float(downscale)!r}")

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from dfield.data.dataset import Cameras, DataError, Dataset
-from dfield.data.images import list_images, pick_image_folder, read_image
+from dfield.data.images import list_images, pick_image_folder, read_image_stack
 from dfield.data.poses import average_pose
 from dfield.data.splits import holdout_indices
 
@@ -78,12 +78,8 @@ def read_llff(root: Path, split: str = "train", downscale: float = 1.0, backgrou
 
     chosen = np.array(holdout_indices(len(c2w), split, holdout_every, str(root)))
 
-    images = [read_image(paths[i], rest, background) for i in chosen]
-    for i, im in zip(chosen, images):
-        if im.shape != images[0].shape:
-            raise DataError(f"{paths[i]}: image is {im.shape[1]}x{im.shape[0]}, but {paths[chosen[0]]} is "
-                            f"{images[0].shape[1]}x{images[0].shape[0]}; all images must have the same size")
-    height, width = images[0].shape[:2]
+    images = read_image_stack([paths[i] for i in chosen], rest, background)  # checks that the sizes match
+    height, width = images.shape[1:3]
     if abs(width / height - hwf_w / hwf_h) > 0.02 * hwf_w / hwf_h:
         raise DataError(f"{folder}: images are {width}x{height}, but {npy.name} says {hwf_w:g}x{hwf_h:g}")
     f = focal * width / hwf_w  # the pose file's focal is for the full-size images
@@ -91,7 +87,7 @@ def read_llff(root: Path, split: str = "train", downscale: float = 1.0, backgrou
     cameras = Cameras(c2w=torch.from_numpy(c2w[chosen]).float(), fx=torch.full((n,), f), fy=torch.full((n,), f),
                       cx=torch.full((n,), width / 2), cy=torch.full((n,), height / 2), width=width, height=height)
     # Depth bounds survive the rigid recentring; pad them a little as NeRF's loaders do.
-    return Dataset(images=torch.from_numpy(np.stack(images)), cameras=cameras, image_paths=[paths[i] for i in chosen],
+    return Dataset(images=images, cameras=cameras, image_paths=[paths[i] for i in chosen],
                    aabb=torch.tensor(WORLD_AABB), near=float(0.9 * bounds.min()), far=float(1.1 * bounds.max()),
                    background=tuple(background), split=split, source=str(root), format="llff",
                    scene_c2w=torch.from_numpy(c2w).float())

@@ -12,6 +12,7 @@ from pathlib import Path
 from dfield.core.camera_paths import orbit_path
 from dfield.core.image_rendering import ndc_of
 from dfield.edit.build import build_edited, mesh_box
+from dfield.edit.guided import guided_layer
 from dfield.edit.locality import best_object, json_number, locality, object_overlaps, render_pair, untouched_mask
 from dfield.edit.mesh import field_mesh
 from dfield.edit.spec import load_spec
@@ -38,7 +39,8 @@ def apply_edits(run: Path, spec: Path, out: Path | None = None, path: str = "tes
     t0 = time.perf_counter()
     edits = load_spec(spec)
     r = open_run(run, device)
-    edited = build_edited(r, edits, device)
+    edited = build_edited(r, edits, device, guided=lambda run_, field, e, below: guided_layer(
+        run_, field, e, below, device=device, progress=progress))
     ids, names = None, r.scene.object_names
     if path == "test":
         data = load_eval_data(r.cfg, "test", every)

@@ -74,13 +74,8 @@ class _DenseCells:
         return keep
 
 
-def make_selection(sel: Select, run, field, step: float):
-    """A Select from the spec -> a selection over `field` (queries score the field's own features)."""
-    if sel.box is not None:
-        return BoxSelection(*sel.box)
-    if field.features is None:
-        raise EditError(f"{run.path}: this run has no feature field, so it can only be edited with 'box' selections "
-                        "(add features with dfield distill RUN --teacher ...)")
+def select_query(sel: Select, run):
+    """The query set of a feature `select` (text, patch, click or a saved query file) in the run's teacher space."""
     if sel.query is not None:
         try:
             query = load_query_set(sel.query)
@@ -89,11 +84,21 @@ def make_selection(sel: Select, run, field, step: float):
         if query.positives.shape[1] != run.cfg.features.teacher_dim:
             raise EditError(f"{sel.query}: the query has {query.positives.shape[1]}-d embeddings, the run's teacher "
                             f"{run.cfg.features.teacher_dim}-d")
-    else:
-        as_view = lambda v: None if v is None else (int(v[0]), *v[1:])  # noqa: E731 (the view is an index)
-        spec = QuerySpec(text=list(sel.text), patch=as_view(sel.patch), click=as_view(sel.click),
-                         negatives=sel.negatives, temperature=sel.temperature, threshold=sel.threshold)
-        query = make_query(run, spec)
+        return query
+    as_view = lambda v: None if v is None else (int(v[0]), *v[1:])  # noqa: E731 (the view is an index)
+    spec = QuerySpec(text=list(sel.text), patch=as_view(sel.patch), click=as_view(sel.click),
+                     negatives=sel.negatives, temperature=sel.temperature, threshold=sel.threshold)
+    return make_query(run, spec)
+
+
+def make_selection(sel: Select, run, field, step: float):
+    """A Select from the spec -> a selection over `field` (queries score the field's own features)."""
+    if sel.box is not None:
+        return BoxSelection(*sel.box)
+    if field.features is None:
+        raise EditError(f"{run.path}: this run has no feature field, so it can only be edited with 'box' selections "
+                        "(add features with dfield distill RUN --teacher ...)")
+    query = select_query(sel, run)
     exact = FeatureSelection(field.features, query, sel.threshold)
     low = sel.threshold / 5 if sel.low is None else sel.low
     grid = VoxelSelection.sample(exact, field.aabb, sel.resolution, _DenseCells(field, step), sel.dilate, low=low,
@@ -168,9 +173,12 @@ def _matrix(e: Edit, box: torch.Tensor) -> torch.Tensor:
     return affine(e.translate, e.rotate, e.scale, pivot)
 
 
-def build_edited(run: Run, edits: list[Edit], device: str = "cpu") -> EditedModel:
+def build_edited(run: Run, edits: list[Edit], device: str = "cpu", guided=None) -> EditedModel:
     """Stack `edits` (parsed by dfield.edit.spec) over an opened run's field; queries are answered on the run (or,
     for composite, on the other run). Raises EditError/RunError naming the edit that cannot be built.
+
+    `guided(run, field, edit, below)` makes the layer of a `guided` edit (dfield.edit.guided.guided_layer, which
+    trains it or loads it from the run's cache); without it a spec with a guided edit is refused.
 
     Example:
         >>> edited = build_edited(open_run("runs/toy"), parse_spec({"edits": [{"op": "delete", "select": {"click": [0, 40, 58]}}]}))  # doctest: +SKIP
@@ -196,6 +204,10 @@ def build_edited(run: Run, edits: list[Edit], device: str = "cpu") -> EditedMode
                     raise EditError(f"{e.run} has {other.cfg.features.teacher_dim}-d features, {run.path} "
                                     f"{run.cfg.features.teacher_dim}-d: composite needs the same teacher")
                 layer = Place(field, src, sel, _matrix(e, box), box)
+            elif e.op == "guided":
+                if guided is None:
+                    raise EditError("guided edits train for minutes: apply this spec with dfield edit")
+                layer = guided(run, field, e, edits[:i])
             else:
                 sel = make_selection(e.select, run, field, step)
                 if e.op == "extract":

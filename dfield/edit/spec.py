@@ -12,6 +12,10 @@
       - op: composite
         run: runs/other                   # the other trained run; `select` (optional) picks part of it
         translate: [0.8, 0, 0]
+      - op: guided                        # a trained edit (dfield guide-edit's, cached under RUN/cache/guided/)
+        select: {click: [3, 50, 42]}      # optional with painted views (they say where)
+        to: painted/                      # a folder of edited views, an exemplar image, color:R,G,B, or a text
+        kinds: [color]                    # add, remove, color
 
 Validation happens before anything is rendered: an unknown op or key, a missing value, a bad shape or a
 composite run that does not exist is an EditError naming the edit.
@@ -27,7 +31,8 @@ import yaml
 
 from dfield.errors import EditError
 
-OPS = ("extract", "delete", "recolor", "transform", "composite")
+OPS = ("extract", "delete", "recolor", "transform", "composite", "guided")
+GUIDED_KINDS = ("add", "remove", "color")
 
 
 @dataclass
@@ -76,6 +81,16 @@ class Edit:
     pivot: list[float] | str = "center"
     """A world point, or 'center' (the centre of the selection's box)."""
     run: str | None = None
+    to: str | None = None
+    """guided: what the selection should become (edited-views folder, exemplar image, color:R,G,B or text)."""
+    kinds: list[str] = field(default_factory=list)
+    """guided: edit kinds, of add, remove, color (default color)."""
+    steps: int | None = None
+    """guided: training steps (default: dfield guide-edit's)."""
+    clip: str | None = None
+    """guided with a text: CLIP / SigLIP weights, hub name or folder."""
+    source_text: str = "a photo of an object"
+    """guided with a text: what the selection is before the edit (the directional loss's reference)."""
 
 
 def _vec(where: str, name: str, v, n: int) -> list[float]:
@@ -144,8 +159,10 @@ def parse_edit(i: int, d, base_dir: Path) -> Edit:
     e = Edit(**d)
     if e.select is not None:
         e.select = parse_select(f"{where} select", e.select, base_dir)
-    elif e.op != "composite":
+    elif e.op not in ("composite", "guided"):
         raise EditError(f"{where}: needs a 'select'")
+    if e.op == "guided":
+        _check_guided(where, e, base_dir)
     if e.op == "recolor":
         given = [k for k in ("hue_shift", "color", "transfer") if getattr(e, k) is not None]
         if len(given) != 1:
@@ -172,6 +189,54 @@ def parse_edit(i: int, d, base_dir: Path) -> Edit:
             raise EditError(f"{where}: run {run} not found (no config.json there)")
         e.run = str(run)
     return e
+
+
+def _check_guided(where: str, e: Edit, base_dir: Path) -> None:
+    if not isinstance(e.to, str) or not e.to.strip():
+        raise EditError(f"{where}: needs 'to': a folder of edited views, an exemplar image, color:R,G,B or a text")
+    if not e.to.startswith(("text:", "color:")) and (base_dir / e.to).exists():
+        e.to = str((base_dir / e.to).resolve())
+    folder = Path(e.to).is_dir()
+    if e.select is None and not folder:
+        raise EditError(f"{where}: needs a 'select' (only painted views can say where by themselves)")
+    if isinstance(e.kinds, str):
+        e.kinds = [e.kinds]
+    bad = [k for k in e.kinds if k not in GUIDED_KINDS]
+    if bad:
+        raise EditError(f"{where}: unknown kind(s) {bad}; expected some of {', '.join(GUIDED_KINDS)}")
+    if e.steps is not None and (not isinstance(e.steps, int) or e.steps < 1):
+        raise EditError(f"{where}: steps must be a positive integer, got {e.steps!r}")
+
+
+def parse_where(text: str, base_dir: Path = Path(".")) -> Select:
+    """A region written on one line, as `dfield guide-edit --where` takes it: `patch:VIEW,X0,Y0,X1,Y1`,
+    `click:VIEW,X,Y`, `text:red mug`, `box:X0,Y0,Z0,X1,Y1,Z1`, or a query file saved by the viewer (JSON).
+
+    Example:
+        >>> parse_where("click:3,40,58").click, parse_where("box:0,0,0,1,1,1").box
+        ([3.0, 40.0, 58.0], [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    """
+    s = str(text).strip()
+    kind, _, rest = s.partition(":")
+    try:
+        nums = lambda: [float(v) for v in rest.split(",")]  # noqa: E731
+        if kind == "patch":
+            return parse_select("--where", {"patch": nums()})
+        if kind == "click":
+            return parse_select("--where", {"click": nums()})
+        if kind == "box":
+            v = nums()
+            if len(v) != 6:
+                raise EditError(f"--where {s}: a box is box:X0,Y0,Z0,X1,Y1,Z1")
+            return parse_select("--where", {"box": [v[:3], v[3:]]})
+    except ValueError:
+        raise EditError(f"--where {s}: expected numbers after '{kind}:'") from None
+    if kind == "text" and rest.strip():
+        return parse_select("--where", {"text": [rest.strip()]})
+    if Path(s).expanduser().is_file():
+        return parse_select("--where", {"query": s}, base_dir)
+    raise EditError(f"--where {s}: expected patch:VIEW,X0,Y0,X1,Y1, click:VIEW,X,Y, text:WORDS, "
+                    "box:X0,Y0,Z0,X1,Y1,Z1 or a query file")
 
 
 def parse_spec(data, base_dir: Path = Path(".")) -> list[Edit]:

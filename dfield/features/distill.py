@@ -26,7 +26,7 @@ from dfield.features.fitting import fit_features, ray_feature_loss
 from dfield.features.lifting import lift_features
 from dfield.features.segmenters import make_segmenter
 from dfield.features.smoothing import SmoothSpec
-from dfield.features.targets import render_views, smooth_targets
+from dfield.features.targets import render_views, resolve_smooth, smooth_targets
 from dfield.features.teachers import cached_features, feature_cache_dir, make_teacher
 from dfield.io.atomic import atomic_write_text
 from dfield.io.checkpoint import latest_checkpoint, save_checkpoint
@@ -48,14 +48,15 @@ class Distilled:
 
 def distill(run, teacher: str, method: str = "fit", iterations: int = 1000, dim: int = 32, batch_rays: int = 2048,
             loss: str = "l2", lift_voxels: int = 96**3, device: str = "cpu", threads: int = 0,
-            smooth: str = "", smooth_on: str = "renders", smooth_mode: str = "blur", smooth_sigma: float = 4.0,
+            smooth: str = "auto", smooth_on: str = "renders", smooth_mode: str = "blur", smooth_sigma: float = 4.0,
             patch: int = 0, tv: float = 0.0, progress: Progress | None = None) -> Distilled:
     """Add teacher features to a trained run and save them into it.
 
     method "fit" trains a `dim`-wide feature field and decoder on the frozen radiance field for `iterations`
     steps of `batch_rays` rays; "lift" averages teacher features into `lift_voxels` cells in one pass.
-    `smooth` (a --features.smooth spec) smooths the teacher targets first, with masks made on the trained field's
-    renders of the training views (`smooth_on="renders"`, the paper's order) or on the photos; `patch` and `tv`
+    `smooth` (a --features.smooth spec; "auto": dfield.features.targets.DEFAULT_SMOOTH, "none": raw targets) smooths
+    the teacher targets first, with masks made on the trained field's renders of the training views
+    (`smooth_on="renders"`, the paper's order) or on the photos; `patch` and `tv`
     draw fit rays as patches with total variation on them (fit only).
     Any features the run had before are replaced. Everything is checked before anything is written.
     `progress(label, done, total, stats)` is called as teacher maps are computed and as fitting/lifting runs.
@@ -65,6 +66,7 @@ def distill(run, teacher: str, method: str = "fit", iterations: int = 1000, dim:
         >>> d.summary["seconds"], d.summary["lift_cells"]         # doctest: +SKIP
     """
     _check_options(method, loss, iterations, dim, batch_rays, lift_voxels)
+    smooth = resolve_smooth(smooth)
     if smooth_on not in ("renders", "photos") or patch < 0 or tv < 0 or (tv > 0 and patch < 2) or smooth_sigma <= 0:
         raise ValueError(f"bad smoothing options: smooth_on {smooth_on!r} (renders|photos), patch {patch} (>= 0; "
                          f">= 2 with tv), tv {tv} (>= 0), smooth_sigma {smooth_sigma} (> 0)")
@@ -138,7 +140,7 @@ def _lift(model: GridModel, data: Dataset, maps, n_voxels, batch_rays, loss, see
     cells = int((lifted.rows > 0).sum())
     return {"seconds": lifted.seconds, "iterations": 0, "loss": value, "loss_kind": loss,
             "loss_note": f"one batch of {batch_rays} training rays", "lift_res": list(lifted.res),
-            "lift_cells": cells, "lift_bytes": cells * (lifted.grid.shape[1] * 2 + 4)}
+            "lift_cells": cells, "lift_dims": lifted.grid.shape[1], "lift_bytes": cells * (lifted.grid.shape[1] * 2 + 4)}
 
 
 def _optimised_params(model: GridModel) -> list[torch.nn.Parameter]:

@@ -7,6 +7,7 @@ The trained radiance field supplies the weights, so features land where the surf
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -14,10 +15,9 @@ import torch
 
 from dfield.core.grids import trilinear_corners, voxel_res
 from dfield.core.rays import image_rays
-from dfield.core.rendering import scatter_samples, weights_from_density
-from dfield.core.sampling import march
+from dfield.core.rendering import visible_samples
 from dfield.data.dataset import Dataset
-from dfield.fields.lifted import LiftedFeatures, compact_lifted
+from dfield.fields.lifted import LiftedFeatures, compact_lifted, compress_lifted
 from dfield.models.grid import GridModel
 
 
@@ -62,7 +62,8 @@ class _TouchedCellSums:
 
 @torch.no_grad()
 def lift_features(model: GridModel, data: Dataset, maps, n_voxels: int = 96**3, chunk: int = 8192,
-                  weight_threshold: float = 1e-3, progress: Callable[[str, int, int, dict | None], None] | None = None) -> LiftedFeatures:
+                  weight_threshold: float = 1e-3, energy: float | None = 0.9995,
+                  progress: Callable[[str, int, int, dict | None], None] | None = None) -> LiftedFeatures:
     r"""Average `maps` (teacher features of `data`'s views) into a voxel grid over the model's box.
 
     .. math::
@@ -70,7 +71,8 @@ def lift_features(model: GridModel, data: Dataset, maps, n_voxels: int = 96**3, 
 
     over training rays r and their samples i (rendering weight w, trilinear weight k_c of cell c at the sample,
     teacher feature F at the ray's pixel). Only cells that receive weight are kept (while lifting and in the
-    result), rounded to fp16 precision. `progress("lift", views_done, views, None)` is called after each view.
+    result), rounded to fp16 precision, and stored in the principal directions that keep `energy` of them
+    (`compress_lifted`; None keeps all D). `progress("lift", views_done, views, None)` is called after each view.
 
     Args:
         model: a trained grid model (its density gives the weights; it is not changed).
@@ -85,7 +87,8 @@ def lift_features(model: GridModel, data: Dataset, maps, n_voxels: int = 96**3, 
     aabb = model.field.aabb.detach().cpu().clone()  # the grid's own box: must not follow later changes of the field's
     res = voxel_res(aabb, n_voxels)
     acc = _TouchedCellSums(res[0] * res[1] * res[2], maps.dim)
-    rs = model.render_settings()
+    rs = dataclasses.replace(model.render_settings(), weight_threshold=weight_threshold)
+    field = model.as_field()
     for i in range(len(data)):
         rays = image_rays(data, i)
         v, u = torch.meshgrid(torch.arange(data.height) + 0.5, torch.arange(data.width) + 0.5, indexing="ij")
@@ -93,11 +96,9 @@ def lift_features(model: GridModel, data: Dataset, maps, n_voxels: int = 96**3, 
             r = rays[s : s + chunk]
             cam = torch.full((len(r),), i, dtype=torch.long)
             goal = maps.sample(cam, u.reshape(-1)[s : s + chunk], v.reshape(-1)[s : s + chunk]).float()
-            smp = march(r, model.field.aabb, rs.near, rs.far, rs.step, model.occupancy)
-            sigma = scatter_samples(smp.mask, model.field.density(smp.positions))
-            w = weights_from_density(sigma, smp.dt)[0][smp.mask]
-            keep = w > weight_threshold
-            pos, w, ray = smp.positions[keep].cpu(), w[keep].cpu(), smp.ray_index[keep].cpu()
+            seen = visible_samples(field, r, rs)
+            ray, w = seen.ray.cpu(), seen.weight.cpu()
+            pos = (r.origins[seen.ray] + r.directions[seen.ray] * seen.t[:, None]).cpu()
             ids, tw = trilinear_corners((pos - aabb[0]) / (aabb[1] - aabb[0]), res)
             cw = (tw * w[:, None]).reshape(-1)  # (M * 8,)
             # One sparse (cells touched x rays) product instead of an (M * 8, D) tensor of weighted copies:
@@ -110,5 +111,7 @@ def lift_features(model: GridModel, data: Dataset, maps, n_voxels: int = 96**3, 
             progress("lift", i + 1, len(data), None)
     cells, values = acc.means()
     lifted = compact_lifted(aabb, res, cells, values.half().float())
+    if energy is not None:
+        lifted = compress_lifted(lifted, energy)
     lifted.seconds = time.perf_counter() - t0
     return lifted

@@ -23,6 +23,26 @@ from dfield.models.base import Model
 
 Progress = Callable[[str, int, int, dict | None], None]
 
+# What "auto" (the default of `dfield train --features.teacher ...` and `dfield distill`) smooths the targets with:
+# the winner of bench/smoothness.py on the generated scenes among the variants that need no weights (README "Smooth
+# features"). None has won yet: the offline Felzenszwalb regions cut objects into pieces and lowered click IoU, and
+# patch TV raised 3D click IoU but lowered patch IoU and the 2D query masks; so targets stay raw by default.
+DEFAULT_SMOOTH = "none"
+
+
+def resolve_smooth(spec: str) -> str:
+    """A --features.smooth value as it is used: "auto" -> DEFAULT_SMOOTH, "none" or "" -> "" (raw targets), any
+    other spec unchanged.
+
+    Example:
+        >>> resolve_smooth("none"), resolve_smooth("bilateral")
+        ('', 'bilateral')
+    """
+    spec = str(spec).strip()
+    if spec == "auto":
+        spec = DEFAULT_SMOOTH
+    return "" if spec in ("", "none", "auto") else spec
+
 
 @torch.no_grad()
 def render_views(model: Model, data: Dataset, device="cpu", chunk: int = 8192,

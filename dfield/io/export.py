@@ -11,7 +11,7 @@ from pathlib import Path
 
 import imageio.v2 as imageio
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from dfield.io.atomic import atomic_path
 
@@ -36,6 +36,24 @@ def save_png(path, img) -> Path:
     with atomic_path(path) as tmp:
         Image.fromarray(to_uint8(img)).save(tmp, format="PNG")
     return Path(path)
+
+
+def labelled_strip(tiles: list[tuple[str, Path]], size: int = 200) -> Image.Image:
+    """The images of `tiles` ((label, path) pairs) side by side, each scaled to size x size with its label above it
+    (an 18-pixel strip); nearest-neighbour scaling, so small renders keep their pixels.
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "a.png"; Image.new("RGB", (10, 10), "red").save(p)
+        >>> labelled_strip([("a", p), ("b", p)], size=50).size
+        (100, 68)
+    """
+    img = Image.new("RGB", (size * len(tiles), size + 18), "white")
+    draw = ImageDraw.Draw(img)
+    for k, (label, path) in enumerate(tiles):
+        img.paste(Image.open(path).convert("RGB").resize((size, size), Image.NEAREST), (k * size, 18))
+        draw.text((k * size + 6, 3), label, fill="black")
+    return img
 
 
 def _pad_even(frame: np.ndarray) -> np.ndarray:

@@ -28,6 +28,7 @@ from dfield.errors import RunError
 from dfield.io.atomic import atomic_write_text
 from dfield.io.checkpoint import latest_checkpoint, load_checkpoint
 from dfield.models.base import Model
+from dfield.models.blended import BlendedModel
 from dfield.models.grid import GridModel
 from dfield.models.nerf import NeRFModel
 
@@ -87,10 +88,15 @@ class SceneInfo:
 def build_model(cfg: TrainConfig, scene: SceneInfo) -> Model:
     """A fresh model of the kind and shape `cfg` asks for, over the scene's box (weights not loaded)."""
     aabb = torch.tensor(scene.aabb, dtype=torch.float32)
-    if cfg.model == "grid":
+    if cfg.model in ("grid", "blended"):
         grid = cfg.grid
         if cfg.features.teacher:
             grid = dataclasses.replace(grid, field=dataclasses.replace(grid.field, feature_dim=cfg.features.dim))
+        if cfg.model == "blended":  # a guided edit (dfield guide-edit): the grid model, frozen, plus its edit fields
+            if scene.scene_type == "unbounded":
+                raise RunError("guided edits (dfield guide-edit) model bounded scenes only; this run's scene is "
+                               "unbounded (contracted)")
+            return BlendedModel(aabb, scene.near, scene.far, scene.background, grid, cfg.features.teacher_dim, cfg.blend)
         contraction = Contraction(grid.contraction) if scene.scene_type == "unbounded" else None
         return GridModel(aabb, scene.near, scene.far, scene.background, grid, teacher_dim=cfg.features.teacher_dim,
                          contraction=contraction)

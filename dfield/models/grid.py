@@ -47,10 +47,11 @@ class GridModelConfig:
     """Shrink the box to the occupied region here: the same voxel budget then buys a finer resolution."""
     occupancy_threshold: float = 1e-4
     occupancy_max_res: int = 160
-    step_ratio: float = 0.5
-    """Sample spacing along rays, in voxels."""
-    weight_threshold: float = 1e-4
-    """Samples with a smaller rendering weight skip the colour branch."""
+    step_ratio: float = 0.7
+    """Sample spacing along rays, in voxels. 0.7 with weight_threshold 1e-3 (was 0.5 and 1e-4): lego 100 px 31.92 /
+    33.25 dB at 150 / 300 s instead of 30.67 / 32.62, measured side by side (README "Measured figures")."""
+    weight_threshold: float = 1e-3
+    """Samples with a smaller rendering weight skip the colour and feature branches."""
     lr_grid: float = 0.02
     lr_network: float = 1e-3
     l1_weight_init: float = 8e-5
@@ -158,14 +159,15 @@ class GridModel(Model):
 
     @property
     def feature_dim(self) -> int:
+        """Width of the rendered features (before `decode`)."""
         if self.lifted is not None:
             return self.lifted.grid.shape[1]
         return self.decoder.in_features if self.decoder is not None else 0
 
     def decode(self, rendered: torch.Tensor) -> torch.Tensor:
-        """Rendered features -> teacher space (lifted features already are)."""
+        """Rendered features -> teacher space (lifted features are, or are coordinates in a basis of it)."""
         if self.lifted is not None:
-            return rendered
+            return self.lifted.decode(rendered)
         if self.decoder is None:
             return super().decode(rendered)
         return self.decoder(rendered)
@@ -252,7 +254,8 @@ class GridSceneField:
         self.density = model.field.density
         self.color = model.field.color
         if model.lifted is not None:
-            self.features = model.lifted
+            lifted = model.lifted
+            self.features = (lambda x: lifted.decode(lifted(x))) if decoded and lifted.basis is not None else lifted
         elif model.field.feature_vol is None:
             self.features = None
         elif decoded:

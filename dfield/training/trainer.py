@@ -7,26 +7,37 @@ and owns everything about the run: ray batches, learning rates, time budget, che
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from dfield.config import TrainConfig, apply_scene_defaults, to_dict
+from dfield.core import ranks
 from dfield.core.metrics import peak_rss_bytes, psnr_from_mse
+from dfield.core.pixels import PixelRuns
 from dfield.core.profiling import PROFILER
-from dfield.core.rays import RayBatcher
+from dfield.core.rays import dataset_rays, pixel_coords
 from dfield.core.sampling import ray_aabb
 from dfield.data.dataset import Dataset
 from dfield.errors import RunError, TrainingDiverged
 from dfield.features.fitting import teacher_targets
 from dfield.features.segmenters import make_segmenter
 from dfield.features.smoothing import SmoothSpec
-from dfield.features.targets import load_targets_record, render_views, save_targets_record, smooth_targets
+from dfield.features.targets import (
+    load_targets_record,
+    render_views,
+    resolve_smooth,
+    save_targets_record,
+    smooth_targets,
+)
 from dfield.features.teachers import cached_features, feature_cache_dir, make_teacher
 from dfield.io.checkpoint import (
     latest_checkpoint,
@@ -46,20 +57,25 @@ from dfield.io.run import (
     with_checkpoint_features,
 )
 from dfield.models.losses import feature_loss, patch_tv_loss
+from dfield.training.parallel import Stream, gather_stream_states, make_streams, same_model, sum_over_processes
 
 Progress = Callable[[str, int, int, dict | None], None]
 
 
 def _check_feature_options(cfg: TrainConfig) -> None:
-    """Bad smoothing / patch settings fail before anything is read or written."""
+    """Bad smoothing / patch settings fail before anything is read or written; "auto" smoothing is resolved (to
+    nothing without a teacher), so the saved config says what the run trains on."""
     f = cfg.features
+    if f.smooth.strip() not in ("", "none", "auto") and not f.teacher:
+        raise RunError("--features.smooth needs a teacher (--features.teacher)")
+    f.smooth = resolve_smooth(f.smooth) if f.teacher else ""
     if f.patch < 0 or f.tv < 0 or f.smooth_sigma <= 0:
         raise RunError(f"--features.patch and --features.tv must be >= 0 and --features.smooth-sigma > 0 "
                        f"(got {f.patch}, {f.tv}, {f.smooth_sigma})")
+    if (f.patch or f.tv) and not f.teacher:
+        raise RunError("--features.patch and --features.tv need a teacher (--features.teacher)")
     if f.tv > 0 and f.patch < 2:
         raise RunError(f"--features.tv {f.tv} regularises rendered patches: set --features.patch to 2 or more")
-    if (f.smooth or f.patch or f.tv) and not f.teacher:
-        raise RunError("--features.smooth, --features.patch and --features.tv need a teacher (--features.teacher)")
     if f.smooth:
         spec = SmoothSpec.parse(f.smooth)  # TeacherError naming the spec
         if spec.kind == "segments":
@@ -76,15 +92,22 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, data: Dataset, scene: SceneInfo, teacher=None,
-                 progress: Progress | None = None):
+                 progress: Progress | None = None, n_streams: int | None = None):
         self.cfg, self.run_dir, self.data, self.scene = cfg, Path(run_dir), data, scene
+        if cfg.features.smooth in ("auto", "none"):  # a config built in code and handed straight to Trainer
+            cfg.features.smooth = resolve_smooth(cfg.features.smooth) if cfg.features.teacher else ""
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
+        if cfg.model == "blended":  # photometric training would fit the edit back to the unedited photos
+            raise RunError(f"{run_dir} is a guided edit (dfield guide-edit); it is not trained with dfield train/resume")
         self.device = torch.device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, scene).to(self.device)
-        self.batcher = RayBatcher(data, cfg.batch_rays, seed=cfg.seed)
-        self.jitter = torch.Generator().manual_seed(cfg.seed + 1)
+        # Data parallel (training/parallel.py): this process's share of the run's ray streams; one stream, seeded
+        # as before streams existed, when the run is a single process.
+        self.n_streams = max(n_streams or cfg.ray_streams or ranks.world(), ranks.world())
+        self.streams: list[Stream] = make_streams(data, cfg.batch_rays, cfg.seed, self.n_streams)
+        self.batcher, self.jitter = self.streams[0].batcher, self.streams[0].jitter
         self.step = 0
         self.seconds = 0.0  # training time, excluding paused spans (evaluation by hooks)
         self.optimizer = self._make_optimizer()
@@ -92,7 +115,7 @@ class Trainer:
         self.teacher_maps = None
         self.targets = None  # smoothed teacher maps (features.smooth), made when the features start
         self.progress = progress
-        self._missed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._missed: tuple[PixelRuns, PixelRuns] | None = None
         if cfg.features.teacher and cfg.features.method != "lift":  # lifted features are a fixed grid: nothing to fit
             teacher = teacher or make_teacher(cfg.features.teacher)
             self.teacher_maps = cached_features(teacher, data, feature_cache_dir(), progress=progress)
@@ -109,7 +132,7 @@ class Trainer:
         # absolute path, not the one relative to where training started.
         cfg.data.path = Path(cfg.data.path).resolve()
         _check_feature_options(cfg)
-        data = load_train_data(cfg)
+        data = ranks.main_first(lambda: load_train_data(cfg), local=True)  # the first decodes into the image store
         # The scene type auto chose is saved: every later load of the run (eval, render, resume) models it alike.
         cfg.data.scene_type = data.scene_type
         if cfg.scene_defaults:
@@ -120,14 +143,17 @@ class Trainer:
             cfg.features.teacher_dim = teacher.dim
         if (run_dir / "config.json").exists() and not overwrite:
             raise RunError(f"{run_dir} already holds a run; use --resume to continue it or --overwrite to start over")
-        if overwrite and run_dir.exists():
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-            for f in ("log.jsonl", "eval.json"):
-                (run_dir / f).unlink(missing_ok=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        ranks.barrier()  # every process has looked before rank 0 writes
         scene = SceneInfo.from_dataset(data)
-        save_config(cfg, run_dir / "config.json")
-        scene.save(run_dir / "scene.json")
+        if ranks.is_main():
+            if overwrite and run_dir.exists():
+                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+                for f in ("log.jsonl", "eval.json"):
+                    (run_dir / f).unlink(missing_ok=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.json")
+            scene.save(run_dir / "scene.json")
+        ranks.barrier()
         return cls(cfg, run_dir, data, scene, teacher, progress)
 
     @classmethod
@@ -139,18 +165,23 @@ class Trainer:
         if not (run_dir / "config.json").is_file():
             raise RunError(f"{run_dir}: nothing to resume (no config.json)")
         cfg = load_config(run_dir / "config.json")
+        if cfg.features.smooth == "auto":  # a config written before smoothing had a default trained on raw targets
+            cfg.features.smooth = ""
         if iterations is not None:
             cfg.iterations = iterations
         if max_seconds is not None:
             cfg.max_seconds = max_seconds
-        data = load_train_data(cfg)
+        data = ranks.main_first(lambda: load_train_data(cfg), local=True)
         ckpt = latest_checkpoint(run_dir / "checkpoints")
         saved_features = cfg.features
+        n_streams = None
         if ckpt is not None:
-            cfg = with_checkpoint_features(cfg, json.loads((ckpt / "meta.json").read_text()))
-        if iterations is not None or max_seconds is not None or cfg.features != saved_features:
+            meta = json.loads((ckpt / "meta.json").read_text())
+            cfg = with_checkpoint_features(cfg, meta)
+            n_streams = meta.get("streams", 1)
+        if (iterations is not None or max_seconds is not None or cfg.features != saved_features) and ranks.is_main():
             save_config(cfg, run_dir / "config.json")
-        trainer = cls(cfg, run_dir, data, SceneInfo.load(run_dir / "scene.json"), progress=progress)
+        trainer = cls(cfg, run_dir, data, SceneInfo.load(run_dir / "scene.json"), progress=progress, n_streams=n_streams)
         if ckpt is not None:
             trainer.load(ckpt)
         return trainer
@@ -162,16 +193,29 @@ class Trainer:
         return torch.optim.Adam(groups, betas=(0.9, 0.99))
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def save(self) -> Path:
+    def save(self) -> Path | None:
         """Checkpoint the current step: model, optimiser moments, every random generator and the ray pool, so that
-        `load` continues exactly; returns the checkpoint folder."""
+        `load` continues exactly; returns the checkpoint folder. In a distributed job every process calls it and
+        rank 0 writes (the others return None)."""
+        self._check_same_model()
         opt_t, groups = optimizer_tensors(self.optimizer)
-        trainer_t = {**opt_t, "rng.batcher": self.batcher.state(), "rng.jitter": self.jitter.get_state(), "rng.torch": torch.get_rng_state()}
+        trainer_t = {**opt_t, "rng.torch": torch.get_rng_state()}
+        for k, (b, j) in gather_stream_states(self.streams).items():  # stream 0 under the names of one-stream runs
+            trainer_t[f"rng.batcher.{k}" if k else "rng.batcher"], trainer_t[f"rng.jitter.{k}" if k else "rng.jitter"] = b, j
         if self.batcher.pool is not None:
-            trainer_t["batcher.pool"] = self.batcher.pool
-        meta = {"seconds": self.seconds, "peak_rss_bytes": peak_rss_bytes(), "structure": self.model.structure(), "optimizer_groups": groups,
-                "last": self.last, "features": to_dict(self.cfg.features)}
-        return save_checkpoint(self.run_dir / "checkpoints", self.step, model_tensors(self.model), trainer_t, meta)
+            trainer_t["batcher.pool"] = self.batcher.pool.state()
+        rss = max(ranks.all_gather_object(peak_rss_bytes()))  # the largest process's
+        # The others wait until rank 0 has written it: what they read next (evaluation opens the run's latest
+        # checkpoint) must be this checkpoint, not the one before.
+        if not ranks.is_main():
+            ranks.barrier()
+            return None
+        meta = {"seconds": self.seconds, "peak_rss_bytes": rss, "structure": self.model.structure(), "optimizer_groups": groups,
+                "last": self.last, "features": to_dict(self.cfg.features), "streams": self.n_streams,
+                "processes": ranks.world()}
+        path = save_checkpoint(self.run_dir / "checkpoints", self.step, model_tensors(self.model), trainer_t, meta)
+        ranks.barrier()
+        return path
 
     def load(self, ckpt: Path) -> None:
         """Restore the state `save` wrote to checkpoint folder `ckpt` (model, a fresh optimiser with its moments,
@@ -180,9 +224,14 @@ class Trainer:
         load_model_state(self.model, tensors, meta)
         self.optimizer = self._make_optimizer()
         restore_optimizer(self.optimizer, trainer_t, meta["optimizer_groups"], self.device)
-        self.batcher.set_state(trainer_t["rng.batcher"])
-        self.batcher.restrict(trainer_t.get("batcher.pool"))
-        self.jitter.set_state(trainer_t["rng.jitter"])
+        pool = trainer_t.get("batcher.pool")
+        pool = PixelRuns.from_state(pool) if pool is not None else None
+        for s in self.streams:
+            b, j = (f"rng.batcher.{s.index}", f"rng.jitter.{s.index}") if s.index else ("rng.batcher", "rng.jitter")
+            if b in trainer_t:  # else a stream the run did not have (more processes now): it starts from its seed
+                s.batcher.set_state(trainer_t[b])
+                s.jitter.set_state(trainer_t[j])
+            s.batcher.restrict(pool)
         torch.set_rng_state(trainer_t["rng.torch"])
         self.step, self.seconds, self.last = meta["step"], meta["seconds"], meta.get("last", {})
 
@@ -198,20 +247,24 @@ class Trainer:
             g["lr"] = g["initial_lr"] * self.cfg.lr_final_ratio ** min(frac, 1.0)
 
     def _restrict_rays_to_box(self) -> None:
-        """Once the box has shrunk to the object, rays that miss it only ever see background: skip them."""
+        """Once the box has shrunk to the object, rays that miss it only ever see background: skip them.
+
+        The pool is kept as runs of pixel ids (core/pixels.py), a few per image row; each process tests its share
+        of the views and they all get the whole pool."""
         box = self.model.scene_box()
         if box is None or self.batcher.pool is not None:
             return
-        keep = []
-        n = self.batcher.n_pixels
-        for start in range(0, n, 1 << 18):
-            ids = torch.arange(start, min(n, start + (1 << 18)))
-            rays, _ = self.batcher.rays_of(ids)
-            t0, t1 = ray_aabb(rays, box.cpu())
-            keep.append(ids[t1 > t0.clamp(min=self.scene.near)])
-        pool = torch.cat(keep)
-        if 0 < len(pool) < n:
-            self.batcher.restrict(pool)
+        data, hw = self.data, self.data.height * self.data.width
+        mine, per_chunk = ranks.share(len(data)), max(1, (1 << 18) // hw)
+        parts = []
+        for v0 in range(mine.start, mine.stop, per_chunk):
+            ids = torch.arange(v0 * hw, min(mine.stop, v0 + per_chunk) * hw)
+            t0, t1 = ray_aabb(dataset_rays(data, *pixel_coords(ids, data.width, data.height)), box.cpu())
+            parts.append(PixelRuns.from_mask(t1 > t0.clamp(min=self.scene.near), offset=v0 * hw))
+        pool = PixelRuns.concat(ranks.all_gather_object(PixelRuns.concat(parts)))  # shares in rank order
+        if 0 < len(pool) < self.batcher.n_pixels:
+            for s in self.streams:
+                s.batcher.restrict(pool)
 
     def _teacher_targets(self, ids: torch.Tensor) -> torch.Tensor:
         maps = self.targets if self.targets is not None else self.teacher_maps
@@ -223,7 +276,21 @@ class Trainer:
         return on if on != "auto" else ("renders" if self.cfg.features.start_step > 0 else "photos")
 
     def _make_targets(self) -> None:
-        """Smoothed targets, once, when the features start: from RUN/targets.json on resume, else made now."""
+        """Smoothed targets, once, when the features start: from RUN/targets.json on resume, else made now (by rank 0
+        in a distributed job; the others then read its record)."""
+        if not ranks.is_main():
+            ranks.barrier()
+            self.targets = load_targets_record(self.run_dir)
+            if self.targets is None:
+                raise RunError(f"{self.run_dir}/targets.json: rank 0 made smoothed targets this process cannot read")
+            return
+        try:
+            self._make_targets_here()
+        finally:
+            if ranks.world() > 1:
+                ranks.barrier()
+
+    def _make_targets_here(self) -> None:
         fcfg = self.cfg.features
         self.targets = load_targets_record(self.run_dir)
         if self.targets is not None:
@@ -238,7 +305,7 @@ class Trainer:
                                       fcfg.smooth_mode, progress=self.progress)
         save_targets_record(self.run_dir, self.targets, source, self.step)
 
-    def _missed_rays_feature_loss(self, n: int) -> tuple[torch.Tensor, float] | None:
+    def _missed_rays_feature_loss(self, n: int, jitter: torch.Generator | None = None) -> tuple[torch.Tensor, float] | None:
         """Feature loss on rays that miss the shrunk box, which the batcher no longer draws.
 
         Those rays render no samples, so their feature is the decoder applied to zero: without them a feature
@@ -248,21 +315,23 @@ class Trainer:
         if pool is None or n == 0 or not self.model.trainable_features:
             return None
         if self._missed is None or self._missed[0] is not pool:
-            keep = torch.ones(self.batcher.n_pixels, dtype=torch.bool)
-            keep[pool] = False
-            self._missed = (pool, keep.nonzero()[:, 0])
+            self._missed = (pool, pool.complement(self.batcher.n_pixels))
         missed = self._missed[1]
         if len(missed) == 0:
             return None
-        ids = missed[torch.randint(len(missed), (n,), generator=self.jitter)]
+        ids = missed[torch.randint(len(missed), (n,), generator=jitter or self.jitter)]
         empty = self.model.decode(torch.zeros(n, self.model.feature_dim, device=self.device))
         return feature_loss(empty, self._teacher_targets(ids), self.cfg.features.loss), len(missed) / self.batcher.n_pixels
 
     def train_step(self) -> dict:
-        """One optimiser step on a fresh ray batch (after the model's schedule has run). Returns loss figures."""
+        """One optimiser step on a fresh ray batch (after the model's schedule has run). Returns loss figures.
+
+        The batch is this process's ray streams; in a distributed job the gradients and figures are summed over
+        the processes before the step (training/parallel.py), so every process takes the same step."""
         with PROFILER.phase("schedule"):
             change = self.model.schedule.before_step(self.model, self.step)
             if change.reshaped:
+                self._check_same_model()
                 self.optimizer = self._make_optimizer()
             if change.shrunk:
                 self._restrict_rays_to_box()
@@ -272,11 +341,45 @@ class Trainer:
         if with_features and fcfg.smooth and self.targets is None:
             self._make_targets()
         patches = with_features and fcfg.patch > 0
+        loss, mse, feat_loss = 0.0, 0.0, None
+        for stream in self.streams:  # one, unless this process draws for more processes than there are now
+            s_loss, s_mse, s_feat = self._stream_loss(stream, with_features, patches)
+            w = stream.weight
+            loss, mse = loss + (s_loss if w == 1.0 else w * s_loss), mse + w * s_mse.detach()
+            if s_feat is not None:
+                feat_loss = (0.0 if feat_loss is None else feat_loss) + w * s_feat.detach()
+        reg = self.model.regularizer(self.step)
+        if reg is not None:
+            loss = loss + (reg if ranks.world() == 1 else reg / ranks.world())  # summed over the processes below
+        self.optimizer.zero_grad(set_to_none=True)
+        with PROFILER.phase("backward"):
+            loss.backward()
+        local = torch.stack([loss.detach(), mse, loss.new_zeros(()) if feat_loss is None else feat_loss]).float().cpu()
+        with PROFILER.phase("all-reduce"):
+            total = sum_over_processes([p for g in self.optimizer.param_groups for p in g["params"]], local)
+        loss_value = total[0].item()
+        if not math.isfinite(loss_value):
+            ckpt = latest_checkpoint(self.run_dir / "checkpoints")
+            folder = self.run_dir / "checkpoints"
+            kept = f"the last good checkpoint {ckpt} is kept" if ckpt else f"no checkpoint in {folder} yet"
+            raise TrainingDiverged(f"loss became {loss_value} at step {self.step}; stopped ({kept}). Try lower learning rates.")
+        with PROFILER.phase("optimizer"):
+            self.optimizer.step()
+        self.step += 1
+        stats = {"loss": loss_value, "mse": total[1].item()}
+        if feat_loss is not None:
+            stats["feature_loss"] = total[2].item()
+        return stats
+
+    def _stream_loss(self, stream: Stream, with_features: bool, patches: bool):
+        """(loss, rgb mse, feature loss or None) of one stream's rays; the loss without the model's regulariser."""
+        fcfg = self.cfg.features
         with PROFILER.phase("rays"):
-            rays, target, ids = self.batcher.sample_patches(fcfg.patch) if patches else self.batcher.sample()
+            batcher = stream.batcher
+            rays, target, ids = batcher.sample_patches(fcfg.patch) if patches else batcher.sample()
             rays, target = rays.to(self.device), target.to(self.device)
         with PROFILER.phase("render"):
-            out = self.model.render_rays(rays, self.jitter, features=with_features)
+            out = self.model.render_rays(rays, stream.jitter, features=with_features)
         terms = self.model.losses(out, target)
         loss = sum(terms.values())
         feat_loss = None
@@ -285,29 +388,28 @@ class Trainer:
             feat_loss = feature_loss(decoded, self._teacher_targets(ids), fcfg.loss)
             if patches and fcfg.tv > 0:
                 feat_loss = feat_loss + fcfg.tv * patch_tv_loss(decoded, fcfg.patch)
-            miss = self._missed_rays_feature_loss(len(ids) // 8)
+            miss = self._missed_rays_feature_loss(len(ids) // 8, stream.jitter)
             if miss is not None:  # weighted as if the batch had been drawn from every pixel
                 value, frac = miss
                 feat_loss = (1 - frac) * feat_loss + frac * value
             loss = loss + fcfg.weight * feat_loss
-        reg = self.model.regularizer(self.step)
-        if reg is not None:
-            loss = loss + reg
-        if not torch.isfinite(loss):
-            ckpt = latest_checkpoint(self.run_dir / "checkpoints")
-            folder = self.run_dir / "checkpoints"
-            kept = f"the last good checkpoint {ckpt} is kept" if ckpt else f"no checkpoint in {folder} yet"
-            raise TrainingDiverged(f"loss became {loss.item()} at step {self.step}; stopped ({kept}). Try lower learning rates.")
-        self.optimizer.zero_grad(set_to_none=True)
-        with PROFILER.phase("backward"):
-            loss.backward()
-        with PROFILER.phase("optimizer"):
-            self.optimizer.step()
-        self.step += 1
-        stats = {"loss": loss.item(), "mse": terms["rgb"].item()}
-        if feat_loss is not None:
-            stats["feature_loss"] = feat_loss.item()
-        return stats
+        return loss, terms["rgb"], feat_loss
+
+    def _check_same_model(self) -> None:
+        """Distributed: every process should hold the same model (see training/parallel.py); if one does not, rank
+        0's is copied to the others. Nothing without a job."""
+        if ranks.world() == 1:
+            return
+        tensors, structure = model_tensors(self.model), self.model.structure()
+        if same_model(tensors, structure):
+            return
+        warnings.warn(f"step {self.step}: the processes' models differ; rank 0's is copied to the others", stacklevel=2)
+        sent = (tensors, structure, self.optimizer.state_dict()) if ranks.is_main() else None
+        tensors, structure, opt_state = ranks.broadcast_object(sent)
+        if not ranks.is_main():
+            load_model_state(self.model, {k: v.to(self.device) for k, v in tensors.items()}, {"structure": structure})
+            self.optimizer = self._make_optimizer()
+            self.optimizer.load_state_dict(opt_state)
 
     def train(self, hooks: list[Callable[["Trainer"], None]] = (), progress: Progress | None = None) -> None:
         """Train to `cfg.iterations` (or `cfg.max_seconds` of training), checkpointing and logging as configured.
@@ -318,8 +420,13 @@ class Trainer:
         """
         cfg = self.cfg
         rays_done, sec_window = 0, self.seconds
-        with open(self.run_dir / "log.jsonl", "a") as log:
-            while self.step < cfg.iterations and not (cfg.max_seconds and self.seconds >= cfg.max_seconds):
+        main = ranks.is_main()  # in a distributed job only rank 0 logs; every process checkpoints together
+
+        def out_of_time() -> bool:  # rank 0's clock decides for all: processes must stop at the same step
+            return bool(cfg.max_seconds) and ranks.broadcast_flag(self.seconds >= cfg.max_seconds)
+
+        with open(self.run_dir / "log.jsonl", "a") if main else contextlib.nullcontext() as log:
+            while self.step < cfg.iterations and not out_of_time():
                 t0 = time.perf_counter()
                 with PROFILER.phase("step"):
                     stats = self.train_step()
@@ -333,8 +440,9 @@ class Trainer:
                                  "rays_per_s": rays_done / max(self.seconds - sec_window, 1e-9), "seconds": round(self.seconds, 2)}
                     if "feature_loss" in stats:
                         self.last["feature_loss"] = stats["feature_loss"]
-                    log.write(json.dumps(self.last) + "\n")
-                    log.flush()
+                    if main:
+                        log.write(json.dumps(self.last) + "\n")
+                        log.flush()
                     rays_done, sec_window = 0, self.seconds
                     logged = self.last
                 if progress is not None:

@@ -66,6 +66,7 @@ class Viewer:
         self.verbose = verbose
         self.errors: list[str] = []
         self.clients: dict[int, _Client] = {}
+        self._prepared: set[ViewerSession] = set()
         self._lock = threading.Lock()
         self.server = viser.ViserServer(host=host, port=port, label="dfield", verbose=False)
         self.host, self.port = host, self.server.get_port()
@@ -129,9 +130,17 @@ class Viewer:
         state.frame = frame
         if level == len(self.levels) - 1:
             state.full = frame
+            self._prepare_queries()
         self._draw(state)
         if state.first_frame_s is None:
             state.first_frame_s = time.perf_counter() - state.connected
+
+    def _prepare_queries(self) -> None:
+        """Once the first full frame is up, compute in the background what the first click on this run needs."""
+        session = self.session
+        if session not in self._prepared:
+            self._prepared.add(session)
+            threading.Thread(target=session.prepare_queries, name="dfield-prepare", daemon=True).start()
 
     @staticmethod
     def _current(state: _Client) -> Frame | None:
@@ -170,12 +179,18 @@ class Viewer:
                 pass
 
     # ------------------------------------------------------------------------------------------ pointer
-    def _client_frame(self, client_id: int) -> Frame | None:
+    def _client_frame(self, client_id: int, wait_s: float = 30.0) -> Frame | None:
+        """The frame a click or box on `client_id` refers to, with features. A click that lands while the camera's
+        sharp frame is still rendering (only coarse frames skip features) waits for it: the camera rests, so the
+        renderer is finishing exactly the view the user clicked on."""
         state = self.clients.get(client_id)
         frame = None if state is None else self._current(state)
         if frame is not None and frame.feature is None and self.session.has_features:
-            self._error(DfieldError("the view is still rendering; click again when it is sharp"), "query")
-            return None
+            state.renderer.wait_idle(wait_s)
+            frame = self._current(state)
+            if frame is None or frame.feature is None:
+                self._error(DfieldError("the view is still rendering; click again when it is sharp"), "query")
+                return None
         return frame
 
     def _click(self, event, negative: bool) -> None:

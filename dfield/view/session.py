@@ -93,6 +93,7 @@ class ViewerSession:
         self._pca: FeaturePCA | None = None
         self._decoded: tuple[int, torch.Tensor] | None = None
         self._queries = 0
+        self._sample_lock = threading.Lock()  # one computation of the feature sample, shared by whoever asks first
 
     # ------------------------------------------------------------------------------------------ rendering
     @property
@@ -159,7 +160,12 @@ class ViewerSession:
         return cams.scaled(min(1.0, SAMPLE_SIDE / max(cams.width, cams.height)))
 
     def feature_sample(self, limit: int = 20000) -> torch.Tensor:
-        """Decoded features of the opaque pixels of a few training views (computed once)."""
+        """Decoded features of the opaque pixels of a few training views (computed once; `prepare_queries` computes
+        it ahead, while the user looks)."""
+        with self._sample_lock:
+            return self._feature_sample(limit)
+
+    def _feature_sample(self, limit: int) -> torch.Tensor:
         if self._sample is None:
             ctx, cams = self.ctx, self.sample_cameras()
             feats = []
@@ -171,6 +177,17 @@ class ViewerSession:
                 raise QueryError(f"{self.run.path}: the training views render nothing opaque; is the run trained?")
             self._sample = subsample(x, limit)
         return self._sample
+
+    def prepare_queries(self) -> None:
+        """Compute what the first click needs besides its own frame (the scene's feature sample and clusters, for
+        automatic negatives), so that it re-colours the view at once. Quietly does nothing for a run that cannot
+        be queried."""
+        if not self.has_features:
+            return
+        try:
+            self.clusters()
+        except QueryError:
+            pass
 
     def clusters(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(centre, (K, D) means) of the scene's feature clusters (k = query.clusters), computed once per k."""

@@ -17,6 +17,9 @@ Adding a segmenter:
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import types
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,3 +100,26 @@ def relabel(labels: np.ndarray, min_area: int = 0) -> np.ndarray:
     lut = np.zeros(int(labels.max()) + 1 if labels.size else 1, np.int32)
     lut[keep] = np.arange(1, len(keep) + 1, dtype=np.int32)
     return lut[np.clip(labels, 0, None)]
+
+
+@contextlib.contextmanager
+def stand_in_modules(modules: dict[str, types.ModuleType]):
+    """Importable stand-ins for the few functions an optional package takes from a module that cannot be imported
+    here (torchvision, timm: they need a torchvision that does not import beside dfield's torch). They are in
+    `sys.modules` only while the block runs and never replace a module that is already there, so nothing imported
+    later mistakes them for the real thing.
+
+    Example:
+        >>> fake = types.ModuleType("no_such_pkg"); fake.answer = 42
+        >>> with stand_in_modules({"no_such_pkg": fake}):
+        ...     import no_such_pkg
+        >>> no_such_pkg.answer, "no_such_pkg" in sys.modules
+        (42, False)
+    """
+    added = {k: v for k, v in modules.items() if k not in sys.modules}
+    sys.modules.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)

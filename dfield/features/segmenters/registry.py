@@ -10,6 +10,7 @@ from dfield.errors import DfieldError, TeacherError
 from dfield.features.segmenters.base import Segmenter
 from dfield.features.segmenters.classical import FelzenszwalbSegmenter
 from dfield.features.segmenters.litemedsam import LiteMedSAMSegmenter
+from dfield.features.segmenters.sam import SAMSegmenter
 from dfield.features.segmenters.simple import FileSegmenter, TruthSegmenter
 from dfield.features.specs import parse_spec
 
@@ -29,7 +30,8 @@ def segmenter_names() -> list[str]:
 
 
 def make_segmenter(spec: str) -> Segmenter:
-    """Build a segmenter from a spec: "felzenszwalb[:key=value,...]", "litemedsam[:...]", "gt", "files:<folder>".
+    """Build a segmenter from a spec: "felzenszwalb[:key=value,...]", "litemedsam[:...]", "sam:CHECKPOINT[,...]",
+    "gt", "files:<folder>".
 
     Example:
         >>> make_segmenter("felzenszwalb:scale=50").scale
@@ -58,5 +60,6 @@ def _files(folder=None):
 
 register_segmenter("felzenszwalb", FelzenszwalbSegmenter)
 register_segmenter("litemedsam", LiteMedSAMSegmenter)
+register_segmenter("sam", SAMSegmenter)
 register_segmenter("gt", TruthSegmenter)
 register_segmenter("files", _files)

@@ -3,6 +3,11 @@ as fp16 `.npy` files that the trainer memory-maps and samples ray by ray (`Featu
 
     maps = cached_features(make_teacher("dinov2"), dataset, feature_cache_dir())
     f = maps.sample(view_idx, u, v)                   # (R, D) float32 at image pixel coordinates
+
+In a torch.distributed job (`dfield train --nproc N`, torchrun) each process encodes its contiguous share of the
+views into the same file, so N processes fill the cache about N times faster. Maps are written with plain file
+writes and read through a memory map whose pages are handed back after every sample (`dfield.data.store.trim`),
+so neither writing nor sampling keeps the whole cache in a process's memory.
 """
 
 from __future__ import annotations
@@ -17,20 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dfield.core import ranks
 from dfield.data.dataset import Dataset
+from dfield.data.store import check_free_space, default_cache_dir, no_space, open_mapped, trim
 from dfield.errors import TeacherError
 from dfield.features.teachers.base import Teacher
 from dfield.io.atomic import atomic_path, atomic_write_text
 
 CACHE_FORMAT = 1  # bump when the stored layout or the key recipe changes
-
-
-def default_cache_dir() -> Path:
-    """$DFIELD_CACHE_DIR, else $XDG_CACHE_HOME/dfield, else ~/.cache/dfield (for converted model files)."""
-    if os.environ.get("DFIELD_CACHE_DIR"):
-        return Path(os.environ["DFIELD_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "dfield"
 
 
 def feature_cache_dir() -> Path:
@@ -94,6 +93,7 @@ class FeatureMaps:
         base = vi * (h * w)
         rows = np.concatenate([base + y0 * w + x0, base + y0 * w + x1, base + y1 * w + x0, base + y1 * w + x1])
         c = torch.from_numpy(np.ascontiguousarray(flat[rows])).float().reshape(4, -1, flat.shape[1])
+        trim(self.maps)  # a cache of thousands of views must not end up resident, page by sampled page
         out = torch.lerp(torch.lerp(c[0], c[1], fx), torch.lerp(c[2], c[3], fx), fy)
         return out if device is None else out.to(device, non_blocking=True)
 
@@ -105,10 +105,14 @@ def _cache_key(teacher: Teacher, data: Dataset) -> str:
     h.update(repr(tuple(images.shape)).encode())
     for i in range(len(data)):
         h.update(np.ascontiguousarray(images[i].numpy()).tobytes())
+        if i % 64 == 63:
+            trim(images)
+    trim(images)
     if teacher.uses_object_ids and data.object_ids is not None:
         h.update(b"\0ids")
         for i in range(len(data)):
             h.update(np.ascontiguousarray(data.object_ids[i].numpy()).tobytes())
+        trim(data.object_ids)
     h.update(b"\0")
     h.update(teacher.cache_token(data))
     return h.hexdigest()
@@ -119,7 +123,7 @@ def _open_cached(npy: Path, meta_path: Path, n: int, teacher: Teacher, image_siz
         return None
     try:
         meta = json.loads(meta_path.read_text())
-        maps = np.load(npy, mmap_mode="r")
+        maps = open_mapped(npy, writable_copy=False)
     except (OSError, ValueError):
         return None
     if (maps.dtype != np.float16 or maps.ndim != 4 or maps.shape[0] != n or list(maps.shape) != meta.get("shape")
@@ -135,42 +139,87 @@ def cached_features(teacher: Teacher, data: Dataset, cache_dir: Path, batch: int
     The key is a sha1 of the teacher's name (which carries its settings), every image's bytes, and the
     object-id maps when the teacher reads them; any change computes a new file. Returns FeatureMaps
     whose `maps` are memory-mapped from the cache file. `progress("teacher NAME", views_done, views, None)` is
-    called after each batch the teacher encodes (never on a cache hit)."""
+    called after each batch the teacher encodes (never on a cache hit); in a distributed job every process
+    calls this together, encodes its share of the views (`ranks.share`) and counts its own views."""
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     n = len(data)
     if n == 0:
         raise TeacherError("no views to compute teacher features for")
     image_size = (data.images.shape[2], data.images.shape[1])
-    key = _cache_key(teacher, data)
+    key = ranks.broadcast_object(_cache_key(teacher, data) if ranks.is_main() else None)
     npy, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
-    hit = _open_cached(npy, meta_path, n, teacher, image_size)
-    if hit is not None:
-        return hit
+    hit = _open_cached(npy, meta_path, n, teacher, image_size) if ranks.is_main() else None
+    if ranks.broadcast_object(hit is not None):
+        return hit if hit is not None else _open_cached(npy, meta_path, n, teacher, image_size)
     batch = max(1, int(batch))
-    with atomic_path(npy) as tmp, torch.inference_mode():
-        out = None
-        for start in range(0, n, batch):
-            idx = list(range(start, min(n, start + batch)))
-            f = torch.as_tensor(teacher.encode_views(data, idx)).detach().float().cpu()
-            if f.ndim != 4 or f.shape[0] != len(idx):
-                raise TeacherError(f"teacher {teacher.name} returned features of shape {tuple(f.shape)} for "
-                                   f"{len(idx)} images; expected (N, h, w, D)")
-            if out is None:
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, *f.shape[1:]))
-            elif tuple(f.shape[1:]) != out.shape[1:]:
-                raise TeacherError(f"teacher {teacher.name} returned {tuple(f.shape[1:])} maps for views "
-                                   f"{idx[0]}..{idx[-1]} but {out.shape[1:]} before; every view must match")
-            if not torch.isfinite(f).all():
-                raise TeacherError(f"teacher {teacher.name} returned non-finite features for views "
-                                   f"{idx[0]}..{idx[-1]}")
-            out[start:start + len(idx)] = f.numpy().astype(np.float16)
-            if progress is not None:
-                progress(f"teacher {teacher.name}", start + len(idx), n, None)
-        out.flush()
-        del out
-    meta = {"teacher": teacher.name, "dim": int(teacher.dim), "shape": list(np.load(npy, mmap_mode="r").shape),
-            "image_size": list(image_size), "views": n, "format": CACHE_FORMAT,
-            "images": [str(p) for p in data.image_paths]}
-    atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n", durable=False)
-    return FeatureMaps(np.load(npy, mmap_mode="r"), image_size, teacher.name, npy)
+    mine = ranks.share(n)
+    batches = [list(range(s, min(mine.stop, s + batch))) for s in range(mine.start, mine.stop, batch)]
+
+    def encode(idx: list[int]) -> np.ndarray:
+        f = torch.as_tensor(teacher.encode_views(data, idx)).detach().float().cpu()
+        trim(data.images)
+        if f.ndim != 4 or f.shape[0] != len(idx):
+            raise TeacherError(f"teacher {teacher.name} returned features of shape {tuple(f.shape)} for "
+                               f"{len(idx)} images; expected (N, h, w, D)")
+        if not torch.isfinite(f).all():
+            raise TeacherError(f"teacher {teacher.name} returned non-finite features for views "
+                               f"{idx[0]}..{idx[-1]}")
+        return f.numpy().astype(np.float16)
+
+    with torch.inference_mode():
+        first = encode(batches[0]) if batches else None
+    # Every process must write maps of one shape: the first batch of each says what its teacher returns.
+    shapes = ranks.all_gather_object(None if first is None else tuple(first.shape[1:]))
+    shape = next(s for s in shapes if s is not None)
+    for r, s in enumerate(shapes):
+        if s is not None and s != shape:
+            raise TeacherError(f"teacher {teacher.name} returned {s} maps for views {ranks.share(n, r).start}.. "
+                               f"but {shape} before; every view must match")
+    view_bytes = int(np.prod(shape)) * 2
+
+    def write_mine(tmp: str, offset: int) -> None:
+        fd = os.open(tmp, os.O_WRONLY)
+        try:
+            for j, idx in enumerate(batches):
+                with torch.inference_mode():
+                    f = first if j == 0 else encode(idx)
+                if tuple(f.shape[1:]) != shape:
+                    raise TeacherError(f"teacher {teacher.name} returned {tuple(f.shape[1:])} maps for views "
+                                       f"{idx[0]}..{idx[-1]} but {shape} before; every view must match")
+                try:
+                    os.pwrite(fd, np.ascontiguousarray(f).tobytes(), offset + idx[0] * view_bytes)
+                except OSError as e:
+                    err = no_space(e, cache_dir, what, moved_by)
+                    if err is not e:
+                        raise err from None
+                    raise
+                if progress is not None:
+                    progress(f"teacher {teacher.name}", idx[-1] + 1 - mine.start, len(mine), None)
+        finally:
+            os.close(fd)
+
+    what, moved_by = f"teacher features ({n} x {' x '.join(map(str, shape))} fp16)", "DFIELD_CACHE_DIR"
+    if ranks.is_main():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # The file is made at full size but sparse: a full disk would otherwise surface as an OSError deep in a write.
+        check_free_space(cache_dir, n * view_bytes + (64 << 20), what, moved_by)
+        with atomic_path(npy) as tmp:
+            with open(tmp, "wb") as fh:  # the header, then the file at its full size for every process to fill
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
+                          "shape": (n, *shape)}
+                np.lib.format.write_array_header_1_0(fh, header)
+                offset = fh.tell()
+                fh.truncate(offset + n * view_bytes)
+            ranks.broadcast_object((tmp, offset))
+            write_mine(tmp, offset)
+            ranks.barrier()  # every share written
+        meta = {"teacher": teacher.name, "dim": int(teacher.dim), "shape": [n, *shape],
+                "image_size": list(image_size), "views": n, "format": CACHE_FORMAT,
+                "images": [str(p) for p in data.image_paths]}
+        atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n", durable=False)
+    else:
+        tmp, offset = ranks.broadcast_object(None)
+        write_mine(tmp, offset)
+        ranks.barrier()
+    ranks.barrier()  # the file is in place
+    return FeatureMaps(open_mapped(npy, writable_copy=False), image_size, teacher.name, npy)

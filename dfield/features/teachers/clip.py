@@ -60,6 +60,25 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def tokenizer_and_normalization(src: str, path: Path, local: bool):
+    """(tokenizer or None, image mean, image std) of the CLIP-family model loaded from `src`: the tokenizer when
+    one is there, the normalisation from its folder's preprocessor_config.json, else CLIP's."""
+    tokenizer = None
+    try:
+        tokenizer = _transformers().AutoTokenizer.from_pretrained(src, local_files_only=local)
+    except Exception:  # no tokenizer files: image-only use still works
+        pass
+    mean, std = CLIP_MEAN, CLIP_STD
+    cfg = path / "preprocessor_config.json"
+    if cfg.is_file():
+        try:
+            pre = json.loads(cfg.read_text())
+            mean, std = tuple(pre.get("image_mean", mean)), tuple(pre.get("image_std", std))
+        except (OSError, ValueError):
+            pass
+    return tokenizer, mean, std
+
+
 def _load(name: str, local_files_only: bool | None):
     """(CLIPModel, tokenizer or None, mean, std, id) from a local folder or a Hugging Face hub name."""
     tr = _transformers()
@@ -89,19 +108,7 @@ def _load(name: str, local_files_only: bool | None):
         if len(sources) > 1:  # the hub answered, but has no such model (or refused it)
             raise _no_weights(name, f"not in the local cache nor downloadable ({first})")
         raise _no_weights(name)
-    tokenizer = None
-    try:
-        tokenizer = tr.AutoTokenizer.from_pretrained(src, local_files_only=local)
-    except Exception:
-        pass
-    mean, std = CLIP_MEAN, CLIP_STD
-    cfg = path / "preprocessor_config.json"
-    if cfg.is_file():
-        try:
-            pre = json.loads(cfg.read_text())
-            mean, std = tuple(pre.get("image_mean", mean)), tuple(pre.get("image_std", std))
-        except (OSError, ValueError):
-            pass
+    tokenizer, mean, std = tokenizer_and_normalization(src, path, local)
     return model, tokenizer, mean, std, ident
 
 

@@ -48,7 +48,7 @@ def make_teacher(spec: str, **kw) -> Teacher:
                            "(add one with dfield.features.teachers.register_teacher)")
     if settings:
         try:
-            return factory(**settings, **kw)
+            return factory(arg, **settings, **kw) if arg is not None else factory(**settings, **kw)
         except TypeError as e:
             raise TeacherError(f"bad settings for teacher {name!r} in {spec!r}: {e}") from None
     return factory(arg, **kw) if arg is not None else factory(**kw)
