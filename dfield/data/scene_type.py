@@ -44,7 +44,8 @@ def focus_point(c2w: torch.Tensor) -> torch.Tensor:
     Example:
         >>> from dfield.data.poses import look_at
         >>> eyes = torch.tensor([[4.0, 0, 0], [0, 4.0, 0], [-4.0, 0, 1]])
-        >>> focus_point(look_at(eyes, torch.tensor([0.0, 0, 1]), torch.tensor([0.0, 0, 1]))).round(decimals=6).tolist()
+        >>> p = focus_point(look_at(eyes, torch.tensor([0.0, 0, 1]), torch.tensor([0.0, 0, 1])))
+        >>> (p.round(decimals=6) + 0.0).tolist()  # + 0.0: no -0.0
         [0.0, 0.0, 1.0]
     """
     c2w = torch.as_tensor(c2w).double()
