@@ -198,7 +198,8 @@ def main(argv=None) -> None:
     first = next(iter(renders.values()))
     strips = []
     for i in range(args.orbit_frames):
-        column = [first[i]["gt"]] + [renders[k][i]["rgb"] for k in args.types] + [renders[args.types[0]][i]["disparity"]]
+        column = ([first[i]["gt"]] + [renders[k][i]["rgb"] for k in args.types]
+                  + [renders[args.types[0]][i]["disparity"]])
         strips.append(np.concatenate(column, 0))
     for k in args.types:
         save_video(args.frames / f"orbit_{k}.mp4", [renders[k][i]["rgb"] for i in range(args.orbit_frames)], fps=8)
@@ -209,7 +210,8 @@ def main(argv=None) -> None:
 
     if {"unbounded", "object"} <= set(results):
         gap = [u["psnr"] - o["psnr"] for u, o in zip(results["unbounded"]["marks"], results["object"]["marks"])]
-        print("unbounded minus object, test PSNR at " + ", ".join(f"{m:g} s: {g:+.2f} dB" for m, g in zip(args.marks, gap)))
+        print("unbounded minus object, test PSNR at "
+              + ", ".join(f"{m:g} s: {g:+.2f} dB" for m, g in zip(args.marks, gap)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                                     "spec": to_dict(spec), "results": results,

@@ -230,3 +230,26 @@ def test_configs_saved_before_scene_types_keep_their_meaning(tmp_path):
         cfg = load_config(run / "config.json")
         assert (cfg.data.scene_type, cfg.data.llff_mode) == (expected, "auto")
     assert Path(tmp_path).is_dir()
+
+
+def test_scene_defaults_apply_to_forward_scenes_only_and_never_over_a_chosen_value(tmp_path, make_llff,
+                                                                                   tiny_train_config):
+    from dfield.config import SCENE_DEFAULTS, TrainConfig, apply_scene_defaults
+    from dfield.training.trainer import Trainer
+
+    forward = SCENE_DEFAULTS["forward"]
+    assert forward and not SCENE_DEFAULTS["object"]
+    cfg = TrainConfig()
+    cfg.grid.field.view_freqs = 3  # chosen on purpose: kept
+    changed = apply_scene_defaults(cfg, "forward")
+    assert cfg.grid.field.view_freqs == 3 and "grid.field.view_freqs" not in changed
+    assert cfg.grid.voxel_aspect == forward["grid.voxel_aspect"] and "grid.voxel_aspect" in changed
+    root = make_llff(n=9)
+    tr = Trainer.create(tiny_train_config(root), tmp_path / "fwd")
+    assert tr.cfg.data.scene_type == "forward" and tr.cfg.grid.voxel_aspect == forward["grid.voxel_aspect"]
+    res = tr.model.field.res
+    assert res[2] < res[0] and res[2] < res[1]  # deeper voxels along NDC depth
+    off = tiny_train_config(root, scene_defaults=False)
+    assert Trainer.create(off, tmp_path / "off").cfg.grid.voxel_aspect == (1.0, 1.0, 1.0)
+    obj = Trainer.create(tiny_train_config(root, data=replace(off.data, scene_type="object")), tmp_path / "obj")
+    assert obj.cfg.grid.voxel_aspect == (1.0, 1.0, 1.0) and obj.cfg.grid.field == TrainConfig().grid.field
