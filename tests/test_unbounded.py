@@ -107,6 +107,29 @@ def test_march_spreads_samples_evenly_in_contracted_space(norm):
     torch.testing.assert_close(c(grid.cell_centers())[reachable], centres[reachable], rtol=1e-4, atol=1e-4)
 
 
+def test_distortion_loss_matches_the_pairwise_sum_and_prefers_one_interval():
+    from dfield.core.rendering import distortion_loss
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.rand(5, 9, generator=g, dtype=torch.float64)
+    s = torch.sort(torch.rand(5, 9, generator=g, dtype=torch.float64), -1).values
+    ds = torch.full((5, 1), 0.03, dtype=torch.float64)
+    pairs = (w[:, :, None] * w[:, None, :] * (s[:, :, None] - s[:, None, :]).abs()).sum((1, 2))
+    torch.testing.assert_close(distortion_loss(w, s, ds), pairs + (w * w * ds).sum(-1) / 3)
+    peaked, spread = torch.zeros(1, 9, dtype=torch.float64), torch.full((1, 9), 1 / 9, dtype=torch.float64)
+    peaked[0, 4] = 1.0
+    assert distortion_loss(peaked, s[:1], ds[:1]) < distortion_loss(spread, s[:1], ds[:1])
+
+
+def test_contracted_march_gives_normalised_distances_for_the_distortion_loss():
+    c = Contraction("inf")
+    o, d = torch.tensor([[0.0, 0.0, -3.0]]), torch.tensor([[0.0, 0.0, 1.0]])
+    smp = march(Rays(o, d), None, 0.05, 1000.0, 0.01, max_samples=4096, contraction=c)
+    s = smp.s[smp.mask]
+    assert s.min() >= 0 and s.max() < 1 and (s.diff() > 0).all()
+    assert march(Rays(o, d), torch.tensor([[-1.0] * 3, [1.0] * 3]), 0.05, 10.0, 0.01).s is None
+
+
 # ---------------------------------------------------------------- scene types
 
 

@@ -113,6 +113,10 @@ class RaySamples:
     mask: torch.Tensor
     positions: torch.Tensor  # (M, 3) positions of the masked samples, in mask order
     ray_index: torch.Tensor  # (M,) which ray each masked sample belongs to
+    # Unbounded scenes: the samples' warped distances normalised to [0, 1) over each ray (near -> infinity), and
+    # each ray's step in those units (R, 1): what the distortion loss measures (`dfield.core.rendering`).
+    s: torch.Tensor | None = None
+    ds: torch.Tensor | None = None
 
 
 @dataclass
@@ -191,10 +195,14 @@ def march_window(rays: Rays, plan: MarchPlan, j0: int, j1: int, occupancy: Occup
         ray_index, positions = ray_index[keep], positions[keep]
     # Step length in the ray's own units: with unit directions this is the world distance.
     dt = torch.full_like(t, plan.step) * directions.norm(dim=-1, keepdim=True)
-    if knee is not None and len(positions):
-        dt[mask] = _contracted_lengths(plan, s[mask], knee[ray_index], unit[ray_index], origins[ray_index],
-                                       directions[ray_index])
-    return RaySamples(t=t, dt=dt, mask=mask, positions=positions, ray_index=ray_index)
+    s_norm = ds = None
+    if knee is not None:
+        if len(positions):
+            dt[mask] = _contracted_lengths(plan, s[mask], knee[ray_index], unit[ray_index], origins[ray_index],
+                                           directions[ray_index])
+        span = (knee + unit - plan.near)[:, None]  # the warped length of a whole ray
+        s_norm, ds = (s - plan.near) / span, plan.step / span
+    return RaySamples(t=t, dt=dt, mask=mask, positions=positions, ray_index=ray_index, s=s_norm, ds=ds)
 
 
 def _contracted_lengths(plan: MarchPlan, s: torch.Tensor, knee: torch.Tensor, unit: torch.Tensor, o: torch.Tensor,

@@ -7,6 +7,7 @@ of the overall shape), mark empty space and shrink the box to the object early, 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -61,6 +62,11 @@ class GridModelConfig:
     tv_app: float = 0.0
     """Total-variation weight on the appearance volume (forward-facing scenes: ~1.0)."""
     max_samples: int = 1024
+    random_background: bool = False
+    """Unbounded scenes: train against a random background colour per ray (every pixel sees something)."""
+    distortion_weight: float = 0.0
+    """Unbounded scenes: weight of mip-NeRF 360's distortion loss (`dfield.core.rendering.distortion_loss`), which
+    keeps far content from collapsing into clouds near the cameras."""
     contraction: Literal["inf", "l2"] = "inf"
     """Unbounded scenes: the norm of the scene contraction (inf: the unit cube stays and all space maps into the
     cube [-2, 2]^3 the grid covers; l2: mip-NeRF 360's unit ball, into the ball of radius 2)."""
@@ -136,14 +142,21 @@ class GridModel(Model):
     def render_settings(self) -> RenderSettings:
         """How this model's rays are marched now (the step follows the grid's resolution)."""
         return RenderSettings(self.near, self.far, self.step, self.background, self.cfg.weight_threshold,
-                              self.cfg.max_samples, contraction=self.contraction)
+                              self.cfg.max_samples, contraction=self.contraction,
+                              distortion=self.contraction is not None and self.cfg.distortion_weight > 0)
 
     def as_field(self, decoded: bool = False) -> "GridSceneField":
         """The renderer's view of this model; `decoded` gives features in the teacher's space (for queries, edits)."""
         return GridSceneField(self, decoded)
 
     def render_rays(self, rays: Rays, generator: torch.Generator | None = None, features: bool = False) -> dict[str, torch.Tensor]:
-        return render_field(self.as_field(), rays, self.render_settings(), generator, features)
+        settings = self.render_settings()
+        if generator is not None and self.contraction is not None and self.cfg.random_background:
+            # Every pixel of an unbounded scene sees something: a random colour behind each training ray makes any
+            # transparency cost, so a white sky is not left to the background colour and far content gets built.
+            background = torch.rand(len(rays), 3, generator=generator).to(rays.origins.device)
+            settings = dataclasses.replace(settings, background=background)
+        return render_field(self.as_field(), rays, settings, generator, features)
 
     def scene_box(self) -> torch.Tensor | None:
         return self.field.aabb if self.contraction is None else None
@@ -206,6 +219,13 @@ class GridModel(Model):
         if feat_net:
             groups.append({"params": feat_net, "lr": self.cfg.lr_network * lr_scale, "name": "feature_network"})
         return groups
+
+    def losses(self, out: dict[str, torch.Tensor], target_rgb: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The colour MSE, plus the weighted distortion loss of unbounded scenes when the render carries it."""
+        terms = super().losses(out, target_rgb)
+        if "distortion" in out and self.cfg.distortion_weight > 0:
+            terms["distortion"] = self.cfg.distortion_weight * out["distortion"].mean()
+        return terms
 
     def regularizer(self, step: int) -> torch.Tensor | None:
         """L1 sparsity on the density volume (lighter once the box has shrunk), plus the optional TV terms."""
