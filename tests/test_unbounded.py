@@ -227,6 +227,7 @@ def test_tiny_unbounded_run_trains_renders_finite_images_and_reopens(tmp_path, t
     cfg = tiny_train_config(scene, iterations=20)
     tr = Trainer.create(cfg, tmp_path / "run")
     assert tr.cfg.data.scene_type == "unbounded" and tr.model.contraction is not None
+    assert tr.cfg.grid.weight_threshold == 1e-4 and tr.cfg.grid.random_background  # the unbounded scene defaults
     assert tr.model.scene_box() is None and tr.model.field.aabb.tolist() == [[-2.0] * 3, [2.0] * 3]
     tr.train()
     assert tr.model.occupancy is not None and tr.model.occupancy.contraction is not None
@@ -276,3 +277,21 @@ def test_scene_defaults_apply_to_forward_scenes_only_and_never_over_a_chosen_val
     assert Trainer.create(off, tmp_path / "off").cfg.grid.voxel_aspect == (1.0, 1.0, 1.0)
     obj = Trainer.create(tiny_train_config(root, data=replace(off.data, scene_type="object")), tmp_path / "obj")
     assert obj.cfg.grid.voxel_aspect == (1.0, 1.0, 1.0) and obj.cfg.grid.field == TrainConfig().grid.field
+
+
+def test_random_background_only_behind_training_rays_of_unbounded_models():
+    from dfield.models.grid import GridModel, GridModelConfig
+
+    cfg = GridModelConfig(voxels_init=8**3, random_background=True, distortion_weight=0.01)
+    box = torch.tensor([[-1.0] * 3, [1.0] * 3])
+    rays = Rays(torch.tensor([[0.0, 0.0, -3.0]]).repeat(64, 1), torch.tensor([[0.0, 0.0, 1.0]]).repeat(64, 1))
+    empty = GridModel(box, 0.1, 100.0, [1.0, 1.0, 1.0], cfg, contraction=Contraction("inf"))
+    with torch.no_grad():
+        for p in empty.field.density_vol.parameters():
+            p.zero_()  # nothing anywhere: every ray shows its background
+        train = empty.render_rays(rays, torch.Generator().manual_seed(0))
+        test = empty.render_rays(rays)
+    assert train["rgb"].std(0).min() > 0.1 and "distortion" in train
+    torch.testing.assert_close(test["rgb"], torch.ones(64, 3), atol=1e-2, rtol=0)
+    bounded = GridModel(box, 0.1, 100.0, [1.0, 1.0, 1.0], cfg)
+    assert "distortion" not in bounded.render_rays(rays, torch.Generator().manual_seed(0))
