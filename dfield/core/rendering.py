@@ -51,7 +51,7 @@ def distortion_loss(weights: torch.Tensor, s: torch.Tensor, ds: torch.Tensor) ->
     is smeared along the ray (the semi-transparent clouds near the cameras that unbounded scenes collapse into).
 
     .. math::
-        \mathcal{L}_{dist} = \sum_{i,j} w_i w_j |s_i - s_j| + \frac{1}{3} \sum_i w_i^2 \Delta s_i
+        \\mathcal{L}_{dist} = \\sum_{i,j} w_i w_j |s_i - s_j| + \\frac{1}{3} \\sum_i w_i^2 \\Delta s_i
 
     computed in O(S) with cumulative sums over the sorted samples.
 
