@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dfield.core.rays import Rays
-from dfield.core.rendering import composite, scatter_samples, weights_from_density
+from dfield.core.rendering import composite, render_field, scatter_samples, weights_from_density
 from dfield.core.sampling import OccupancyGrid, march, ray_aabb
 from dfield.fields import vm
 from dfield.fields.tensorf import TensoRFConfig
@@ -488,3 +488,27 @@ def test_bf16_colour_mlp_matches_float32_at_any_sample_count(n):
     assert (out - ref).abs().max() < 2e-2 and (out - ref).abs().max() > 0  # rounded, not silently float32
     out.sum().backward()  # gradients flow through the padded bf16 path
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in bf.mlp.parameters())
+
+
+def test_render_without_gradients_matches_the_one_pass_render():
+    """Inference renders (no gradients) march in windows, stop rays behind opaque surfaces and colour every visible
+    sample in one call; they give what the one-pass training render gives, features and channels included, and
+    zeros of the right width where nothing is visible."""
+    model = _tiny_grid_model()
+    model.add_feature_field(5, 7)
+    rays = _random_rays(300, seed=11)
+    field, s = model.as_field(), model.render_settings()
+    s = dataclasses.replace(s, stop_transmittance=0.0)  # no early stop: the two must then agree to rounding
+    channels = {"height": lambda p: p[:, 2], "both": lambda p: p[:, :2]}
+    one_pass = render_field(field, rays, s, None, features=True, channels=channels)  # gradients on: one pass
+    with torch.no_grad():
+        windowed = render_field(field, rays, s, None, features=True, channels=channels)
+    assert set(windowed) == set(one_pass)
+    for k, v in one_pass.items():
+        assert windowed[k].shape == v.shape, k
+        torch.testing.assert_close(windowed[k], v.detach(), atol=1e-5, rtol=1e-4)
+    miss = _rays([[-5, 3, 0]], [[1, 0, 0]])
+    with torch.no_grad():
+        empty = render_field(field, miss, s, None, features=True, channels=channels)
+    assert empty["feature"].shape == (1, 5) and empty["both"].shape == (1, 2) and empty["height"].shape == (1,)
+    assert torch.equal(empty["rgb"], torch.tensor([BACKGROUND]))
