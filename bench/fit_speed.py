@@ -135,6 +135,7 @@ def fit_one(args, model: str, run_root: Path) -> dict:
     cfg = make_config(args, model)
     with PeakMemory() as mem:
         trainer = Trainer.create(cfg, run_root / model, overwrite=True)
+        cfg = trainer.cfg  # with the scene type auto chose and that type's defaults (dfield.config.SCENE_DEFAULTS)
         test = load_eval_data(cfg, "test")
         views = evenly_spaced(len(test), args.nerf_test_views) if model == "nerf" else list(range(len(test)))
         test = test.subset(views)

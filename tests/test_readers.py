@@ -195,18 +195,18 @@ def test_llff_matches_the_nerf_loader_on_rotated_poses(make_llff):
         row[:15] = pose.ravel()
         row[15:] = rng.uniform(1, 20, 2)
     np.save(root / "poses_bounds.npy", arr)
-    ds = load_dataset(root, "all", downscale=4)
+    ds = load_dataset(root, "all", downscale=4, llff_mode="ndc")  # random views: auto would not call them forward
     np.testing.assert_allclose(ds.cameras.c2w.numpy(), _nerf_reference(arr.copy()), atol=1e-5)
 
 
-def test_llff_splits_folders_and_contract_mode(make_llff):
+def test_llff_splits_folders_and_world_box(make_llff):
     root = make_llff(n=10)
     train, test = load_dataset(root, "train", 4), load_dataset(root, "test", 4)
     assert [p.name for p in test.image_paths] == ["im000.png", "im008.png"] and len(train) == 8
     # No images_8/: images_4/ is reduced twice more, and the focal follows the actual width.
     small = load_dataset(root, "train", 8)
     assert small.images.shape == (8, 3, 4, 3) and small.cameras.fx[0].item() == 5.0 and small.ndc_size == (4, 3)
-    c = load_dataset(root, "train", 4, llff_mode="contract")
+    c = load_dataset(root, "train", 4, scene_type="object")  # world space in a box (llff-mode contract: unbounded)
     assert not c.ndc and c.aabb.tolist() == [[-2] * 3, [2] * 3]
     assert c.near == pytest.approx(0.9 * 2 / 1.5) and c.far == pytest.approx(1.1 * 10 / 1.5)
 
@@ -302,8 +302,9 @@ def test_colmap_text_and_binary_agree(tmp_path):
 def test_colmap_poses_intrinsics_normalisation_and_splits(tmp_path):
     root = _colmap_scene(tmp_path / "s", _write_text)
     cams, images, points = _colmap_model()
-    ds = load_dataset(root, "all")
-    test, train = load_dataset(root, "test"), load_dataset(root, "train")
+    # The reader's normalisation, as an object scene (these cameras look one way: auto would model them in NDC).
+    ds = load_dataset(root, "all", scene_type="object")
+    test, train = load_dataset(root, "test", scene_type="object"), load_dataset(root, "train", scene_type="object")
     names = sorted(im[3] for im in images.values())
     assert [p.name for p in ds.image_paths] == names
     assert [p.name for p in test.image_paths] == [names[0], names[8]] and len(train) == 7

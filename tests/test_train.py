@@ -79,6 +79,7 @@ def test_training_lowers_the_loss_and_writes_a_complete_run(trained_run, tiny_sc
 
     expected = tiny_train_config(tiny_scene)
     expected.features.smooth = ""  # "auto" is recorded resolved; without a teacher there is nothing to smooth
+    expected.data.scene_type = "object"  # so is the scene type
     assert to_dict(load_config(trained_run / "config.json")) == to_dict(expected)
     scene = SceneInfo.load(trained_run / "scene.json")
     assert (scene.width, scene.height, len(scene.train_c2w)) == (20, 20, 8)

@@ -130,6 +130,8 @@ def _fit(start, run_eval: bool, progress: bool, view: tuple[str, int] | None = N
         procs = f" in {ranks.world()} processes ({trainer.n_streams} ray streams)" if ranks.world() > 1 else ""
         console.print(f"training {cfg.model} on {len(trainer.data)} views of {trainer.data.width}x"
                       f"{trainer.data.height} ({cfg.data.path}) -> {trainer.run_dir}{procs}")
+        why = f" (auto: {trainer.data.scene_note})" if trainer.data.scene_note else ""
+        console.print(f"scene type {cfg.data.scene_type}{why}", highlight=False)
         trainer.train(hooks=hooks, progress=bars)
     console.print(f"trained {trainer.step} steps in {trainer.seconds:.1f} s; last batch PSNR "
                   f"{trainer.last.get('psnr', float('nan')):.2f} dB")
@@ -223,7 +225,10 @@ def _render(run, out, path, frames, every, video, depth, device, resolution_scal
                 o["rgb"] = pca(o["feature"]) * o["acc"][..., None] + (1 - o["acc"][..., None])
             save_png(out / f"{mode}_{i:03d}.png", o["rgb"])
             if depth:
-                save_png(out / f"depth_{i:03d}.png", colorize_depth(o["depth"], o["acc"]))
+                dep = o["depth"]
+                if r.scene.scene_type == "unbounded":  # depths reach the sky: colour by disparity (near still blue)
+                    dep = -o["acc"] / dep.clamp(min=1e-6)
+                save_png(out / f"depth_{i:03d}.png", colorize_depth(dep, o["acc"]))
             bars(f"render {path}" + (f" (rank 0 of {ranks.world()})" if ranks.world() > 1 else ""), n + 1, len(mine))
     ranks.barrier()  # every view is on disk
     written = []

@@ -9,19 +9,22 @@ from __future__ import annotations
 import torch
 
 
-def voxel_res(aabb: torch.Tensor, n_voxels: int, minimum: int = 2) -> tuple[int, int, int]:
+def voxel_res(aabb: torch.Tensor, n_voxels: int, minimum: int = 2, aspect=(1.0, 1.0, 1.0)) -> tuple[int, int, int]:
     """Per-axis resolution giving (nearly) cubic voxels and about `n_voxels` cells over the box.
 
     Args:
         aabb: (2, 3) min and max corner.
         n_voxels: the cell budget (e.g. 128**3).
         minimum: fewest cells along any axis.
+        aspect: relative voxel size per axis ((1, 1, 4): voxels four times as deep as they are wide).
 
     Example:
         >>> voxel_res(torch.tensor([[0.0, 0.0, 0.0], [2.0, 1.0, 1.0]]), 2 * 16**3)
         (32, 16, 16)
+        >>> voxel_res(torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]), 16**3, aspect=(1, 1, 4))
+        (25, 25, 6)
     """
-    size = (aabb[1] - aabb[0]).tolist()
+    size = [s / a for s, a in zip((aabb[1] - aabb[0]).tolist(), aspect)]
     voxel = (size[0] * size[1] * size[2] / n_voxels) ** (1 / 3)
     return tuple(max(minimum, int(round(s / voxel))) for s in size)
 

@@ -2,6 +2,10 @@
 
 On a CPU every evaluated point costs, so empty space is skipped twice: rays are clipped to the scene box,
 and samples falling in cells the occupancy grid marks empty are dropped before the field sees them.
+
+Unbounded scenes (a `Contraction`) are not clipped: rays run from near to far, samples are uniform in the warped
+distance of `dfield.core.contraction.warp`, each sample's length is its chord in contracted space, and the
+occupancy grid covers the contracted cube.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dfield.core.contraction import Contraction, unwarp, warp
 from dfield.core.grids import cell_centers, cell_index
 from dfield.core.rays import Rays
 
@@ -24,15 +29,19 @@ def ray_aabb(rays: Rays, aabb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 class OccupancyGrid:
-    """A boolean grid over a box marking cells where the field may have density."""
+    """A boolean grid over a box marking cells where the field may have density. With a `contraction` the box is
+    in contracted space (the cube [-2, 2]^3) while `query` and `cell_centers` speak world points."""
 
-    def __init__(self, aabb: torch.Tensor, resolution: int):
+    def __init__(self, aabb: torch.Tensor, resolution: int, contraction: Contraction | None = None):
         self.aabb = aabb.clone().float()
         self.resolution = resolution
+        self.contraction = contraction
         self.occupied = torch.ones((resolution,) * 3, dtype=torch.bool, device=aabb.device)
 
     def query(self, pts: torch.Tensor) -> torch.Tensor:
         """(N, 3) points -> (N,) bool: inside the box and in a cell marked occupied."""
+        if self.contraction is not None:
+            pts = self.contraction(pts)
         flat, inside = cell_index(pts, self.aabb, (self.resolution,) * 3)
         return self.occupied.reshape(-1)[flat] & inside
 
@@ -48,14 +57,15 @@ class OccupancyGrid:
             grid = torch.zeros((res,) * 3, device=self.occupied.device)
             grid[ijk[:, 0], ijk[:, 1], ijk[:, 2]] = 1.0
             coarse = OccupancyGrid.__new__(OccupancyGrid)
-            coarse.aabb, coarse.resolution = self.aabb, res
+            coarse.aabb, coarse.resolution, coarse.contraction = self.aabb, res, self.contraction
             coarse.occupied = F.max_pool3d(grid[None, None], 3, stride=1, padding=1)[0, 0] > 0
             self._coarse, self._coarse_key = coarse, key
         return self._coarse
 
     def cell_centers(self) -> torch.Tensor:
-        """(resolution^3, 3) cell centres, in the order of `occupied.reshape(-1)`."""
-        return cell_centers(self.aabb, (self.resolution,) * 3)
+        """(resolution^3, 3) world points at the cell centres, in the order of `occupied.reshape(-1)`."""
+        centres = cell_centers(self.aabb, (self.resolution,) * 3)
+        return centres if self.contraction is None else self.contraction.inverse(centres)
 
     @torch.no_grad()
     def update(self, density_fn, step: float, threshold: float = 1e-4, chunk: int = 2**18, dilate: int = 1) -> float:
@@ -103,6 +113,10 @@ class RaySamples:
     mask: torch.Tensor
     positions: torch.Tensor  # (M, 3) positions of the masked samples, in mask order
     ray_index: torch.Tensor  # (M,) which ray each masked sample belongs to
+    # Unbounded scenes: the samples' warped distances normalised to [0, 1) over each ray (near -> infinity), and
+    # each ray's step in those units (R, 1): what the distortion loss measures (`dfield.core.rendering`).
+    s: torch.Tensor | None = None
+    ds: torch.Tensor | None = None
 
 
 @dataclass
@@ -118,12 +132,26 @@ class MarchPlan:
     n: int  # steps of the longest ray (at most max_samples)
     near: float
     step: float
+    # With a contraction, t_in, t_out and the steps are warped distances s (`dfield.core.contraction.warp`), and
+    # each ray's knee and unit (the ray parameter of one world unit) turn them back into distances t.
+    contraction: Contraction | None = None
+    knee: torch.Tensor | None = None  # (R,)
+    unit: torch.Tensor | None = None  # (R,)
 
 
-def plan_march(rays: Rays, aabb: torch.Tensor, near: float, far: float, step: float,
-               jitter: torch.Generator | None = None, max_samples: int = 1024) -> MarchPlan:
-    """The MarchPlan of `rays` through `aabb` (see `march`)."""
-    t_in, t_out = ray_aabb(rays, aabb)
+def plan_march(rays: Rays, aabb: torch.Tensor | None, near: float, far: float, step: float,
+               jitter: torch.Generator | None = None, max_samples: int = 1024,
+               contraction: Contraction | None = None) -> MarchPlan:
+    """The MarchPlan of `rays` through `aabb` (see `march`); with a `contraction`, of the whole rays from near to
+    far in warped distance (`aabb` is not used)."""
+    knee = unit = None
+    if contraction is not None:
+        knee = contraction.knee(rays.origins, rays.directions, near)
+        unit = 1.0 / rays.directions.norm(dim=-1).clamp(min=1e-9)
+        t_in = torch.full_like(knee, near)
+        t_out = warp(torch.full_like(knee, far), knee, unit)
+    else:
+        t_in, t_out = ray_aabb(rays, aabb)
     t_in = t_in.clamp(min=near)
     t_out = t_out.clamp(max=far)
     hit = t_out > t_in
@@ -136,22 +164,28 @@ def plan_march(rays: Rays, aabb: torch.Tensor, near: float, far: float, step: fl
         offset = torch.rand(len(rays), 1, generator=jitter).to(device)
     else:
         offset = torch.full((len(rays), 1), 0.5, device=device)
-    return MarchPlan(t_in, t_out, hit, k0, offset, n, near, step)
+    return MarchPlan(t_in, t_out, hit, k0, offset, n, near, step, contraction, knee, unit)
 
 
 def march_window(rays: Rays, plan: MarchPlan, j0: int, j1: int, occupancy: OccupancyGrid | None = None,
                  idx: torch.Tensor | None = None) -> RaySamples:
     """Samples j0..j1-1 of the rays `idx` (default: all) of a plan, empty cells dropped (RaySamples over those
     rays: `ray_index` counts within `idx`)."""
+    knee, unit = plan.knee, plan.unit
     if idx is not None:
         t_in, t_out, hit, k0, offset = (x[idx] for x in (plan.t_in, plan.t_out, plan.hit, plan.k0, plan.offset))
         origins, directions = rays.origins[idx], rays.directions[idx]
+        if knee is not None:
+            knee, unit = knee[idx], unit[idx]
     else:
         t_in, t_out, hit, k0, offset = plan.t_in, plan.t_out, plan.hit, plan.k0, plan.offset
         origins, directions = rays.origins, rays.directions
     k = k0[:, None] + torch.arange(j0, j1, device=origins.device, dtype=torch.float32)
     t = plan.near + (k + offset) * plan.step
     mask = hit[:, None] & (t >= t_in[:, None]) & (t < t_out[:, None])
+    s = t
+    if knee is not None:
+        t = unwarp(s, knee[:, None], unit[:, None])
     ray_index = mask.nonzero()[:, 0]
     positions = origins[ray_index] + directions[ray_index] * t[mask][:, None]
     if occupancy is not None and len(positions):
@@ -161,7 +195,24 @@ def march_window(rays: Rays, plan: MarchPlan, j0: int, j1: int, occupancy: Occup
         ray_index, positions = ray_index[keep], positions[keep]
     # Step length in the ray's own units: with unit directions this is the world distance.
     dt = torch.full_like(t, plan.step) * directions.norm(dim=-1, keepdim=True)
-    return RaySamples(t=t, dt=dt, mask=mask, positions=positions, ray_index=ray_index)
+    s_norm = ds = None
+    if knee is not None:
+        if len(positions):
+            dt[mask] = _contracted_lengths(plan, s[mask], knee[ray_index], unit[ray_index], origins[ray_index],
+                                           directions[ray_index])
+        span = (knee + unit - plan.near)[:, None]  # the warped length of a whole ray
+        s_norm, ds = (s - plan.near) / span, plan.step / span
+    return RaySamples(t=t, dt=dt, mask=mask, positions=positions, ray_index=ray_index, s=s_norm, ds=ds)
+
+
+def _contracted_lengths(plan: MarchPlan, s: torch.Tensor, knee: torch.Tensor, unit: torch.Tensor, o: torch.Tensor,
+                        d: torch.Tensor) -> torch.Tensor:
+    """(M,) lengths in contracted space of the samples' intervals [s - step/2, s + step/2]: the chord between
+    the contracted ends. Densities of unbounded scenes are per unit of contracted length, so a far sample, which
+    spans a long world distance, weighs what a near one does."""
+    half = 0.5 * plan.step
+    ends = [o + d * unwarp(s + h, knee, unit)[:, None] for h in (-half, half)]
+    return (plan.contraction(ends[1]) - plan.contraction(ends[0])).norm(dim=-1)
 
 
 def march(
@@ -173,14 +224,17 @@ def march(
     occupancy: OccupancyGrid | None = None,
     jitter: torch.Generator | None = None,
     max_samples: int = 1024,
+    contraction: Contraction | None = None,
 ) -> RaySamples:
     """Uniform steps of length `step` through the box, one jitter offset per ray when training.
 
     Samples sit at t = near + (k + offset) * step for whole k, anchored at the near plane rather than at
     the box entry: a larger box (an edit that moves or adds content) then evaluates the field at exactly
-    the same points along every ray, so renders outside the edit stay as they were.
+    the same points along every ray, so renders outside the edit stay as they were. With a `contraction`
+    (unbounded scenes) the steps are in warped distance from near to far and `aabb` is not used (see the module
+    docstring).
     """
-    plan = plan_march(rays, aabb, near, far, step, jitter, max_samples)
+    plan = plan_march(rays, aabb, near, far, step, jitter, max_samples, contraction)
     return march_window(rays, plan, 0, plan.n, occupancy)
 
 

@@ -236,6 +236,7 @@ def read_blender(path: Path, split: str = "train", downscale: float = 1.0, backg
     if all(has_ids):
         object_ids = read_id_stack([f.ids for f in chosen], downscale, (out_w, out_h))
 
+    every_c2w = np.stack([f.c2w for fs in frames.values() for f in fs])
     aabb, near, far = None, None, None
     for name, meta in metas.items():
         a, n, fa = _bounds_from_json(meta, files[name])
@@ -243,7 +244,7 @@ def read_blender(path: Path, split: str = "train", downscale: float = 1.0, backg
         near, far = (near, far) if near is not None else (n, fa)
     if aabb is None or near is None:
         # Estimated from every camera of the scene so that all splits share the same bounds.
-        est_aabb, est_near, est_far = estimate_bounds(np.stack([f.c2w for fs in frames.values() for f in fs]))
+        est_aabb, est_near, est_far = estimate_bounds(every_c2w)
         aabb = est_aabb if aabb is None else aabb
         near, far = (est_near, est_far) if near is None else (near, far)
 
@@ -261,4 +262,5 @@ def read_blender(path: Path, split: str = "train", downscale: float = 1.0, backg
     return Dataset(images=images, cameras=cameras, image_paths=[f.image for f in chosen],
                    aabb=torch.as_tensor(aabb, dtype=torch.float32), near=float(near), far=float(far),
                    background=tuple(float(c) for c in background), object_ids=object_ids,
-                   object_names=_object_names(root), split=split, source=str(root), format="blender")
+                   object_names=_object_names(root), split=split, source=str(root), format="blender",
+                   scene_c2w=torch.from_numpy(every_c2w).float())

@@ -340,4 +340,4 @@ def read_colmap(root: Path, split: str = "train", downscale: float = 1.0, backgr
                       cy=kt[:, 3], width=width, height=height)
     return Dataset(images=images, cameras=cameras, image_paths=paths,
                    aabb=torch.from_numpy(aabb).float(), near=near, far=far, background=tuple(background),
-                   split=split, source=str(root), format="colmap")
+                   split=split, source=str(root), format="colmap", scene_c2w=torch.from_numpy(c2w_all).float())

@@ -70,6 +70,15 @@ class Dataset:
     split: str = "train"
     source: str = ""  # the file or folder it was read from, for messages
     format: str = ""  # "blender", "llff", "colmap"
+    # How the scene is modelled (`dfield.data.scene_type`): "object" (a box in world space), "forward" (NDC) or
+    # "unbounded" (recentred so the object of interest fills the unit ball; the model contracts the rest).
+    scene_type: str = "object"
+    scene_note: str = ""  # why --scene-type auto chose it (empty when it was given)
+    # Every camera of the scene, all splits (N_all, 3, 4): what scene-type detection and normalisation look at,
+    # so every split is normalised alike. None: only this split's cameras are known.
+    scene_c2w: torch.Tensor | None = None
+    # The similarity (4, 4) the scene type applied to the reader's coordinates (None: none).
+    scene_from_source: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]

@@ -21,6 +21,12 @@ Written to `out_dir` (the layout of Blender's synthetic scenes, plus ground trut
 
 Focal length is 0.5 * width / tan(0.5 * camera_angle_x) for both axes, principal point at the
 image centre, as Blender readers assume. Output bytes depend only on the spec.
+
+With `unbounded` the objects get surroundings, a 360-degree scene whose content goes far beyond the
+cameras: the ground continues past the disk to the horizon (a smooth texture that does not alias), a
+ring of tall patterned pillars stands 5 to 12 units away, and a sky dome of radius `SKY_RADIUS` closes
+everything, so every pixel is opaque. Surroundings have id 0 (they are not objects); the json keeps the
+objects' aabb, and its far bound reaches the sky.
 """
 
 from __future__ import annotations
@@ -58,6 +64,9 @@ PALETTE = {
 }
 SHAPES = ("sphere", "box", "cylinder", "cone", "torus")
 PATTERNS = ("plain", "stripes", "checker", "dots")
+SKY_RADIUS = 50.0  # unbounded scenes: the dome around the origin that closes the scene
+PILLAR_RING = (5.0, 12.0)  # unbounded scenes: distances of the pillars from the origin
+N_PILLARS = 9
 
 
 @dataclass
@@ -85,6 +94,7 @@ class SceneSpec:
     recolor: tuple[float, ...] = ()  # (ID, R, G, B): object ID takes this colour (its pattern keeps its shade)
     remove: int = 0  # object ID is left out
     add_sphere: tuple[float, ...] = ()  # (X, Y, Z, RADIUS, R, G, B): one more (plain) sphere, id n_objects + 2
+    unbounded: bool = False  # surroundings to the horizon: ground, far pillars and a sky (see the module docstring)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,8 +408,9 @@ def _noise(p, seed, octaves=(5.0, 11.0, 23.0, 47.0)):
     return total / len(octaves)
 
 
-def _render(objects, light, c2w, focal, width, height, ss, texture=0.0, seed=0):
-    """(H, W, 4) uint8 RGBA with straight alpha, and (H, W) uint8 ids of the pixel-centre rays."""
+def _render(objects, light, c2w, focal, width, height, ss, texture=0.0, seed=0, far=None):
+    """(H, W, 4) uint8 RGBA with straight alpha, and (H, W) uint8 ids of the pixel-centre rays. `far`: the
+    surroundings of an unbounded scene (`_surroundings`), seen by every ray that misses the objects and the disk."""
     o, d = _rays(c2w, focal, width, height, ss)
     t, ids = _trace(objects, o, d)
     hit = ids > 0
@@ -409,6 +420,10 @@ def _render(objects, light, c2w, focal, width, height, ss, texture=0.0, seed=0):
         n = _noise(o[hit] + t[hit, None] * d[hit], seed)
         color[hit] *= np.clip(1 + texture * 3 * (n - 0.5), 0.1, 2.0)[:, None]
         color = np.clip(color, 0, 1)
+    if far is not None:
+        miss = ~hit
+        color[miss] = _shade_surroundings(far, objects, light, o[miss], d[miss])
+        hit = np.ones_like(hit)
     premult = color.reshape(height, ss, width, ss, 3).mean((1, 3))
     alpha = hit.reshape(height, ss, width, ss).mean((1, 3))
     rgb = premult / np.maximum(alpha, 1e-12)[..., None]
@@ -416,6 +431,87 @@ def _render(objects, light, c2w, focal, width, height, ss, texture=0.0, seed=0):
     o, d = _rays(c2w, focal, width, height, 1)
     _, centre_ids = _trace(objects, o, d)
     return rgba, centre_ids.reshape(height, width).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Surroundings of unbounded scenes
+
+
+def _surroundings(rng):
+    """Tall patterned pillars on a ring PILLAR_RING away from the origin (objects with id 0)."""
+    pillars = []
+    angles = rng.uniform(0, 2 * math.pi) + np.arange(N_PILLARS) * 2 * math.pi / N_PILLARS
+    for i, a in enumerate(angles + rng.uniform(-0.25, 0.25, N_PILLARS)):
+        dist = float(rng.uniform(*PILLAR_RING))
+        shape = str(rng.choice(("box", "cylinder", "cone")))
+        color = str(rng.choice(list(PALETTE)))
+        height = float(rng.uniform(1.5, 4.0))
+        r = float(rng.uniform(0.35, 0.8))
+        params = {"size": [1.6 * r, 1.6 * r, height]} if shape == "box" else {"radius": r, "height": height}
+        pillars.append(_Object(
+            id=0, name=f"{color} pillar", shape=shape, color=np.array(PALETTE[color]),
+            pattern=str(rng.choice(("stripes", "checker", "plain"))), period=float(rng.uniform(0.35, 0.6)),
+            center=np.array([dist * math.cos(a), dist * math.sin(a), height / 2]),
+            yaw=float(rng.uniform(0, math.pi)) if shape == "box" else 0.0, params=params, footprint=1.2 * r))
+    return pillars
+
+
+def _sky(d):
+    """Sky colour seen along unit directions `d`: a gradient from the horizon up, with soft bands of cloud."""
+    el = np.arcsin(np.clip(d[:, 2], -1, 1))
+    az = np.arctan2(d[:, 1], d[:, 0])
+    up = np.clip(el / (math.pi / 2), 0, 1)[:, None]
+    base = (1 - up) * np.array([0.86, 0.90, 0.95]) + up * np.array([0.33, 0.52, 0.84])
+    cloud = np.clip(np.sin(3 * az + 1.0) * np.cos(7 * el) + 0.5 * np.sin(5 * az - 2 * el), 0, None)
+    return np.clip(base + 0.12 * cloud[:, None] * (el > 0)[:, None], 0, 1)
+
+
+def _far_ground_albedo(p):
+    """A smooth, low-frequency ground texture beyond the disk (no fine detail to alias at the horizon)."""
+    wave = np.sin(0.9 * p[:, 0] + 0.3) * np.sin(0.7 * p[:, 1] - 0.5) + 0.5 * np.sin(0.23 * (p[:, 0] + 2 * p[:, 1]))
+    return np.array([0.45, 0.55, 0.30]) * (0.85 + 0.15 * wave[:, None])
+
+
+def _trace_surroundings(pillars, o, d):
+    """Distance along rays that miss the objects and the disk to the far ground, a pillar or the sky dome, and what
+    they hit: -2 sky, -1 ground, k >= 0 pillar k."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = -o[:, 2] / d[:, 2]
+    p = o + t[:, None] * d
+    rho2 = p[:, 0] ** 2 + p[:, 1] ** 2
+    t = np.where((t > EPS) & (rho2 > GROUND_RADIUS**2) & (rho2 <= SKY_RADIUS**2), t, np.inf)
+    which = np.where(np.isfinite(t), -1, -2)
+    for k, pillar in enumerate(pillars):
+        tp = pillar.hit(o, d)
+        closer = tp < t
+        t, which = np.where(closer, tp, t), np.where(closer, k, which)
+    b = _dot(o, d)
+    sky = -b + np.sqrt(np.maximum(b * b - _dot(o, o) + SKY_RADIUS**2, 0))
+    return np.where(which == -2, sky, t), which
+
+
+def _shade_surroundings(pillars, objects, light, o, d):
+    """Colours of rays that miss the objects and the disk: far ground, pillars, or sky."""
+    t, which = _trace_surroundings(pillars, o, d)
+    color = _sky(d)
+    solid = which > -2
+    p = o[solid] + t[solid, None] * d[solid]
+    normal = np.tile([0.0, 0.0, 1.0], (len(p), 1))
+    albedo = _far_ground_albedo(p)
+    for k, pillar in enumerate(pillars):
+        m = which[solid] == k
+        if m.any():
+            normal[m], albedo[m] = pillar.surface(p[m])
+    lambert = np.clip(normal @ light, 0, None)
+    lit = np.nonzero(lambert > 0)[0]
+    origin = p[lit] + SHADOW_OFFSET * normal[lit]
+    towards = np.broadcast_to(light, origin.shape)
+    blocked = np.zeros(len(lit), bool)
+    for obj in list(objects) + list(pillars):
+        blocked |= np.isfinite(obj.hit(origin, towards))
+    lambert[lit[blocked]] = 0
+    color[solid] = albedo * (AMBIENT + DIFFUSE * lambert[:, None])
+    return color
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,15 +571,13 @@ def _variant(objects: list, spec: SceneSpec) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def generate_scene(out_dir, spec: SceneSpec | None = None) -> Path:
-    """Render the scene described by `spec` (default: SceneSpec()) into `out_dir` (see the module docstring) and
-    return it."""
-    spec = SceneSpec() if spec is None else spec
+def _build(spec: SceneSpec):
+    """Everything a spec determines before rendering: objects, light, cameras per split, near/far and the
+    surroundings (None unless `spec.unbounded`), drawn from one generator in a fixed order."""
     if not 1 <= spec.n_objects <= len(PALETTE):
         raise ValueError(f"n_objects must be 1..{len(PALETTE)}, got {spec.n_objects}")
     if min(spec.width, spec.height, spec.supersample) < 1 or spec.n_train < 1 or min(spec.n_test, spec.n_val) < 0:
         raise ValueError(f"bad scene spec: {spec}")
-    out = Path(out_dir)
     rng = np.random.default_rng(spec.seed)
     if not 0 <= spec.shared_colors < spec.n_objects:
         raise ValueError(f"shared_colors must be 0..n_objects-1 ({spec.n_objects - 1}), got {spec.shared_colors}")
@@ -498,6 +592,44 @@ def generate_scene(out_dir, spec: SceneSpec | None = None) -> Path:
               for k, (name, n) in enumerate([("train", spec.n_train), ("test", spec.n_test), ("val", spec.n_val)])
               if n > 0 or name != "val"}
     near, far = _near_far([c for cams in splits.values() for c in cams])
+    far_content = None
+    if spec.unbounded:  # drawn last, so a scene's objects and cameras do not depend on it
+        far_content = _surroundings(rng)
+        far = math.ceil(SKY_RADIUS + max(np.linalg.norm(c[:3, 3]) for cams in splits.values() for c in cams))
+    return objects, light, splits, near, far, far_content, variant
+
+
+def render_view(spec: SceneSpec, c2w, width: int | None = None, height: int | None = None) -> dict[str, np.ndarray]:
+    """Ground truth of the scene `spec` describes from any camera (c2w (3, 4) or (4, 4), OpenGL axes, the spec's
+    field of view): rgba (H, W, 4) uint8 as `generate_scene` writes it, ids (H, W) and depth (H, W) float64, the
+    distance along each pixel-centre ray to what it hits (inf: nothing; the sky dome of unbounded scenes counts).
+
+    Example:
+        >>> spec = SceneSpec(n_train=1, n_test=0, width=8, height=8, unbounded=True)
+        >>> view = render_view(spec, np.array([[1.0, 0, 0, 0], [0, 0, -1, -4], [0, 1, 0, 0.5]]))  # looks along +y
+        >>> view["rgba"].shape, bool(np.isfinite(view["depth"]).all())
+        ((8, 8, 4), True)
+    """
+    objects, light, _, _, _, far_content, _ = _build(spec)
+    width, height = width or spec.width, height or spec.height
+    focal = 0.5 * width / math.tan(0.5 * spec.camera_angle_x)
+    c2w = np.asarray(c2w, dtype=np.float64)[:3]
+    rgba, ids = _render(objects, light, c2w, focal, width, height, spec.supersample, spec.texture, spec.seed,
+                        far_content)
+    o, d = _rays(c2w, focal, width, height, 1)
+    t, hit = _trace(objects, o, d)
+    if far_content is not None:
+        miss = hit == 0
+        t[miss] = _trace_surroundings(far_content, o[miss], d[miss])[0]
+    return {"rgba": rgba, "ids": ids, "depth": t.reshape(height, width)}
+
+
+def generate_scene(out_dir, spec: SceneSpec | None = None) -> Path:
+    """Render the scene described by `spec` (default: SceneSpec()) into `out_dir` (see the module docstring) and
+    return it."""
+    spec = SceneSpec() if spec is None else spec
+    out = Path(out_dir)
+    objects, light, splits, near, far, far_content, variant = _build(spec)
     focal = 0.5 * spec.width / math.tan(0.5 * spec.camera_angle_x)
 
     for name, cams in splits.items():
@@ -505,7 +637,7 @@ def generate_scene(out_dir, spec: SceneSpec | None = None) -> Path:
         frames = []
         for i, c2w in enumerate(cams):
             rgba, ids = _render(objects, light, c2w, focal, spec.width, spec.height, spec.supersample, spec.texture,
-                                spec.seed)
+                                spec.seed, far_content)
             Image.fromarray(rgba, "RGBA").save(out / name / f"r_{i}.png")
             Image.fromarray(ids, "L").save(out / name / f"id_{i}.png")
             frames.append({"file_path": f"./{name}/r_{i}", "transform_matrix": _round(c2w),
@@ -519,6 +651,8 @@ def generate_scene(out_dir, spec: SceneSpec | None = None) -> Path:
               "pattern_period": GROUND_TILE}
     info = {"objects": [ground] + [obj.to_json() for obj in objects], "background_id": 0,
             "light": {"direction": _round(light), "ambient": AMBIENT, "diffuse": DIFFUSE}, "spec": asdict(spec)}
+    if far_content is not None:
+        info["surroundings"] = {"sky_radius": SKY_RADIUS, "pillars": [p.to_json() for p in far_content]}
     if variant:
         info["variant"] = variant
     (out / "objects.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -1,4 +1,5 @@
-"""LLFF forward-facing scenes: `poses_bounds.npy` + `images*/`, loaded as the original NeRF loader does."""
+"""LLFF scenes: `poses_bounds.npy` + `images*/`, loaded as the original NeRF loader does (in world space; the
+scene type, `dfield.data.scene_type`, then models forward-facing ones in NDC)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,8 @@ from dfield.data.images import list_images, pick_image_folder, read_image_stack
 from dfield.data.poses import average_pose
 from dfield.data.splits import holdout_indices
 
-# TensoRF's box for NDC space: x, y span the image plane (a little wider than [-1, 1] in y to keep
-# the edges of wide-aspect views), z the whole [near, inf) depth range.
-NDC_AABB = ((-1.5, -1.67, -1.0), (1.5, 1.67, 1.0))
-CONTRACT_AABB = ((-2.0, -2.0, -2.0), (2.0, 2.0, 2.0))
+# The world-space box of an LLFF scene modelled as a bounded object (--scene-type object).
+WORLD_AABB = ((-2.0, -2.0, -2.0), (2.0, 2.0, 2.0))
 BOUND_FACTOR = 0.75  # NeRF's bd_factor: after rescaling, the nearest bound sits at 1 / 0.75
 
 
@@ -53,17 +52,15 @@ def read_poses_bounds(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def read_llff(root: Path, split: str = "train", downscale: float = 1.0, background=(1.0, 1.0, 1.0),
-              holdout_every: int = 8, mode: str = "ndc") -> Dataset:
+              holdout_every: int = 8) -> Dataset:
     """Read one split of an LLFF scene (poses_bounds.npy and images*/), as the original NeRF loader does.
 
     Poses are scaled so the nearest bound sits at 1 / 0.75 and recentred on their average pose; every
-    `holdout_every`-th image is held out for val/test. `mode` "ndc" models the scene in normalised device
-    coordinates (aabb `NDC_AABB`, near 0, far 1); "contract" keeps world space inside `CONTRACT_AABB`, with
-    near/far from the padded depth bounds.
+    `holdout_every`-th image is held out for val/test. The dataset is in world space inside `WORLD_AABB`, with
+    near/far from the padded depth bounds; `dfield.data.scene_type.to_forward` turns it into NDC.
 
     Raises:
         DataError: missing or malformed files, or images that do not match the poses.
-        ValueError: an unknown `mode`.
     """
     root = Path(root)
     npy = root / "poses_bounds.npy"
@@ -89,13 +86,8 @@ def read_llff(root: Path, split: str = "train", downscale: float = 1.0, backgrou
     n = len(chosen)
     cameras = Cameras(c2w=torch.from_numpy(c2w[chosen]).float(), fx=torch.full((n,), f), fy=torch.full((n,), f),
                       cx=torch.full((n,), width / 2), cy=torch.full((n,), height / 2), width=width, height=height)
-    common = dict(images=images, cameras=cameras, image_paths=[paths[i] for i in chosen],
-                  background=tuple(background), split=split, source=str(root), format="llff")
-    if mode == "ndc":
-        return Dataset(**common, aabb=torch.tensor(NDC_AABB), near=0.0, far=1.0, ndc=True, ndc_focal=float(f),
-                       ndc_size=(width, height))
-    if mode == "contract":
-        # Depth bounds survive the rigid recentring; pad them a little as NeRF's loaders do.
-        return Dataset(**common, aabb=torch.tensor(CONTRACT_AABB), near=float(0.9 * bounds.min()),
-                       far=float(1.1 * bounds.max()))
-    raise ValueError(f"llff_mode must be 'ndc' or 'contract', got {mode!r}")
+    # Depth bounds survive the rigid recentring; pad them a little as NeRF's loaders do.
+    return Dataset(images=images, cameras=cameras, image_paths=[paths[i] for i in chosen],
+                   aabb=torch.tensor(WORLD_AABB), near=float(0.9 * bounds.min()), far=float(1.1 * bounds.max()),
+                   background=tuple(background), split=split, source=str(root), format="llff",
+                   scene_c2w=torch.from_numpy(c2w).float())

@@ -1,4 +1,5 @@
-"""One entry point for every scene format: detect it, check the options, call its reader."""
+"""One entry point for every scene format: detect it, check the options, call its reader, model it as its scene
+type (object, forward-facing or unbounded; `dfield.data.scene_type`)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from dfield.data.blender import read_blender
 from dfield.data.colmap import find_model, read_colmap
 from dfield.data.dataset import DataError, Dataset
 from dfield.data.llff import read_llff
+from dfield.data.scene_type import SCENE_TYPES, apply_scene_type
 from dfield.data.splits import SPLITS
 
 FORMATS = ("blender", "llff", "colmap")
 BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0)}
-LLFF_MODES = ("ndc", "contract")
+LLFF_MODES = ("auto", "ndc", "contract")
+LLFF_MODE_SCENE_TYPES = {"ndc": "forward", "contract": "unbounded"}
 
 
 def detect_format(path: Path) -> str:
@@ -42,9 +45,30 @@ def detect_format(path: Path) -> str:
                     "poses_bounds.npy (LLFF) or sparse/0/cameras.bin|txt (COLMAP)")
 
 
+def requested_scene_type(scene_type: str, llff_mode: str, fmt: str) -> str:
+    """The scene type asked for by `scene_type` and, for LLFF scenes, the older `llff_mode` (ndc: forward, contract:
+    unbounded; other formats ignore it). Raises DataError when the two disagree."""
+    if scene_type not in SCENE_TYPES:
+        raise ValueError(f"scene_type must be one of {SCENE_TYPES}, got {scene_type!r}")
+    if llff_mode not in LLFF_MODES:
+        raise ValueError(f"llff_mode must be one of {LLFF_MODES}, got {llff_mode!r}")
+    implied = LLFF_MODE_SCENE_TYPES.get(llff_mode) if fmt == "llff" else None
+    if implied is None:
+        return scene_type
+    if scene_type not in ("auto", implied):
+        raise DataError(f"--llff-mode {llff_mode} means --scene-type {implied}, but --scene-type {scene_type} was "
+                        "given; drop one of them")
+    return implied
+
+
 def load_dataset(path, split: str = "train", downscale: float = 1.0, *, background="white", holdout_every: int = 8,
-                 llff_mode: str = "ndc", format: str | None = None) -> Dataset:
-    """Read one split of the scene at `path`; images come out `downscale` times smaller (a factor >= 1)."""
+                 llff_mode: str = "auto", scene_type: str = "auto", format: str | None = None) -> Dataset:
+    """Read one split of the scene at `path`; images come out `downscale` times smaller (a factor >= 1).
+
+    `scene_type` (object, forward, unbounded, or auto: detected from the whole scene's cameras and the images'
+    borders) decides the coordinates the scene is modelled in (`dfield.data.scene_type`); the result records it in
+    `Dataset.scene_type`. For LLFF scenes `llff_mode` ndc / contract is the older spelling of forward / unbounded.
+    """
     path = Path(path)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -62,14 +86,19 @@ def load_dataset(path, split: str = "train", downscale: float = 1.0, *, backgrou
         raise ValueError(f"holdout_every must be an integer >= 1, got {holdout_every!r}")
     if llff_mode not in LLFF_MODES:
         raise ValueError(f"llff_mode must be one of {LLFF_MODES}, got {llff_mode!r}")
+    if scene_type not in SCENE_TYPES:
+        raise ValueError(f"scene_type must be one of {SCENE_TYPES}, got {scene_type!r}")
     fmt = format or detect_format(path)
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
+    kind = requested_scene_type(scene_type, llff_mode, fmt)
 
     if fmt == "blender":
-        return read_blender(path, split, downscale, bg, holdout_every)
-    if fmt == "llff":
-        return read_llff(path.parent if path.is_file() else path, split, downscale, bg, holdout_every, llff_mode)
-    return read_colmap(path, split, downscale, bg, holdout_every)
+        data = read_blender(path, split, downscale, bg, holdout_every)
+    elif fmt == "llff":
+        data = read_llff(path.parent if path.is_file() else path, split, downscale, bg, holdout_every)
+    else:
+        data = read_colmap(path, split, downscale, bg, holdout_every)
+    return apply_scene_type(data, kind)

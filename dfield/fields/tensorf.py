@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dfield.core.contraction import Contraction
 from dfield.fields.encoding import encoding_dim, positional_encoding
 from dfield.fields.vm import VMVolume
 
@@ -98,6 +99,8 @@ class TensoRFField(nn.Module):
         )
         nn.init.constant_(self.mlp[-1].bias, 0.0)
         self.feature_vol: VMVolume | None = None
+        # Unbounded scenes: world points are contracted first and `aabb` is the contracted cube (see `normalize`).
+        self.contraction: Contraction | None = None
         if cfg.feature_dim > 0:
             self.add_feature_volume(cfg.feature_dim, cfg.feature_comp)
 
@@ -122,7 +125,10 @@ class TensoRFField(nn.Module):
         return self.density_vol.res
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3) world points -> (N, 3) coordinates in the box, [0, 1] on each axis inside `aabb`."""
+        """(N, 3) world points -> (N, 3) coordinates in the box, [0, 1] on each axis inside `aabb` (after the
+        scene contraction, when the field has one: then every world point lands inside)."""
+        if self.contraction is not None:
+            x = self.contraction(x)
         return (x - self.aabb[0]) / (self.aabb[1] - self.aabb[0])
 
     def density(self, x: torch.Tensor) -> torch.Tensor:

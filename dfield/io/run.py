@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from dfield.config import FeatureConfig, TrainConfig, from_dict, to_dict
+from dfield.core.contraction import Contraction
 from dfield.data import load_dataset
 from dfield.data.dataset import Cameras, Dataset
 from dfield.errors import RunError
@@ -51,6 +52,8 @@ class SceneInfo:
     train_c2w: list = field(default_factory=list)
     train_intrinsics: list = field(default_factory=list)  # [fx, fy, cx, cy] per view
     object_names: dict = field(default_factory=dict)
+    scene_type: str = "object"  # object, forward (NDC) or unbounded (contracted)
+    scene_from_source: list | None = None  # (4, 4) similarity from the reader's coordinates to the scene's
 
     @staticmethod
     def from_dataset(d: Dataset) -> "SceneInfo":
@@ -61,7 +64,8 @@ class SceneInfo:
             ndc_focal=d.ndc_focal, ndc_size=list(d.ndc_size), width=d.width, height=d.height, format=d.format,
             source=str(d.source), train_c2w=c.c2w.tolist(),
             train_intrinsics=torch.stack([c.fx, c.fy, c.cx, c.cy], -1).tolist(),
-            object_names={str(k): v for k, v in d.object_names.items()},
+            object_names={str(k): v for k, v in d.object_names.items()}, scene_type=d.scene_type,
+            scene_from_source=None if d.scene_from_source is None else d.scene_from_source.tolist(),
         )
 
     def train_cameras(self) -> Cameras:
@@ -75,8 +79,10 @@ class SceneInfo:
 
     @staticmethod
     def load(path: Path) -> "SceneInfo":
-        """Read a scene.json written by `save`."""
-        return SceneInfo(**json.loads(Path(path).read_text()))
+        """Read a scene.json written by `save` (one written before scene types is forward when NDC, else object)."""
+        info = json.loads(Path(path).read_text())
+        info.setdefault("scene_type", "forward" if info.get("ndc") else "object")
+        return SceneInfo(**info)
 
 
 def build_model(cfg: TrainConfig, scene: SceneInfo) -> Model:
@@ -87,9 +93,17 @@ def build_model(cfg: TrainConfig, scene: SceneInfo) -> Model:
         if cfg.features.teacher:
             grid = dataclasses.replace(grid, field=dataclasses.replace(grid.field, feature_dim=cfg.features.dim))
         if cfg.model == "blended":  # a guided edit (dfield guide-edit): the grid model, frozen, plus its edit fields
+            if scene.scene_type == "unbounded":
+                raise RunError("guided edits (dfield guide-edit) model bounded scenes only; this run's scene is "
+                               "unbounded (contracted)")
             return BlendedModel(aabb, scene.near, scene.far, scene.background, grid, cfg.features.teacher_dim, cfg.blend)
-        return GridModel(aabb, scene.near, scene.far, scene.background, grid, teacher_dim=cfg.features.teacher_dim)
+        contraction = Contraction(grid.contraction) if scene.scene_type == "unbounded" else None
+        return GridModel(aabb, scene.near, scene.far, scene.background, grid, teacher_dim=cfg.features.teacher_dim,
+                         contraction=contraction)
     if cfg.model == "nerf":
+        if scene.scene_type == "unbounded":
+            raise RunError("the nerf baseline models bounded scenes only: use --model grid for an unbounded scene, or "
+                           "--scene-type object")
         return NeRFModel(scene.near, scene.far, scene.background, cfg.nerf)
     raise ValueError(f"unknown model {cfg.model!r}: expected 'grid' or 'nerf'")
 
@@ -158,22 +172,29 @@ def save_config(cfg: TrainConfig, path: Path) -> None:
 
 
 def load_config(path: Path) -> TrainConfig:
-    """Read a config.json written by `save_config` (unknown keys ignored, missing ones take their defaults)."""
-    return from_dict(TrainConfig, json.loads(Path(path).read_text()))
+    """Read a config.json written by `save_config` (unknown keys ignored, missing ones take their defaults). A
+    config saved before scene types takes its run's scene type from the scene.json beside it."""
+    d = json.loads(Path(path).read_text())
+    data = d.get("data", {})
+    if isinstance(data, dict) and "scene_type" not in data:
+        scene = Path(path).parent / "scene.json"
+        data["scene_type"] = SceneInfo.load(scene).scene_type if scene.is_file() else "auto"
+        data["llff_mode"] = "auto"  # what it meant then (ndc: NDC, contract: a box) is in the scene type now
+    return from_dict(TrainConfig, d)
 
 
 def load_train_data(cfg: TrainConfig) -> Dataset:
     """The training split of the run's scene, as the run was trained on it."""
     d = cfg.data
     return load_dataset(d.path, "train", d.downscale, background=d.background, holdout_every=d.holdout_every,
-                        llff_mode=d.llff_mode)
+                        llff_mode=d.llff_mode, scene_type=d.scene_type)
 
 
 def load_eval_data(cfg: TrainConfig, split: str = "test", every: int | None = None) -> Dataset:
     """A split of the run's scene, thinned to every `every`-th view (default: the run's `data.test_every`)."""
     d = cfg.data
     data = load_dataset(d.path, split, d.downscale, background=d.background, holdout_every=d.holdout_every,
-                        llff_mode=d.llff_mode)
+                        llff_mode=d.llff_mode, scene_type=d.scene_type)
     every = d.test_every if every is None else every
     if every < 1:
         raise ValueError(f"every must be at least 1, got {every}")

@@ -7,10 +7,13 @@ of the overall shape), mark empty space and shrink the box to the object early, 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
+from dfield.core.contraction import Contraction
 from dfield.core.grids import voxel_res
 from dfield.core.rays import Rays
 from dfield.core.rendering import RenderSettings, render_field
@@ -29,6 +32,9 @@ class GridModelConfig:
     field: TensoRFConfig = field(default_factory=TensoRFConfig)
     voxels_init: int = 32**3
     voxels_final: int = 128**3
+    voxel_aspect: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    """Relative voxel size along x, y, z (forward-facing scenes: deeper voxels along NDC depth than across the
+    image plane, where the detail is)."""
     upsample_steps: tuple[int, ...] = (200, 400, 700, 1000)
     """Steps at which the grid is refined; voxel counts grow log-linearly from init to final."""
     occupancy_start: int = 25
@@ -56,6 +62,14 @@ class GridModelConfig:
     tv_app: float = 0.0
     """Total-variation weight on the appearance volume (forward-facing scenes: ~1.0)."""
     max_samples: int = 1024
+    random_background: bool = False
+    """Unbounded scenes: train against a random background colour per ray (every pixel sees something)."""
+    distortion_weight: float = 0.0
+    """Unbounded scenes: weight of mip-NeRF 360's distortion loss (`dfield.core.rendering.distortion_loss`), which
+    keeps far content from collapsing into clouds near the cameras."""
+    contraction: Literal["inf", "l2"] = "inf"
+    """Unbounded scenes: the norm of the scene contraction (inf: the unit cube stays and all space maps into the
+    cube [-2, 2]^3 the grid covers; l2: mip-NeRF 360's unit ball, into the ball of radius 2)."""
 
 
 class GridModel(Model):
@@ -63,10 +77,14 @@ class GridModel(Model):
 
     Features come either from a learned low-dimensional feature volume plus a linear `decoder` to the teacher's
     width (distillation), or from `lifted`: teacher-space features averaged per voxel (one-pass lifting).
+
+    With a `contraction` (unbounded scenes) the field and its occupancy grid cover the contracted cube [-2, 2]^3,
+    world points are contracted on their way in, rays are marched in warped distance from near to far, and the
+    box never shrinks.
     """
 
     def __init__(self, aabb: torch.Tensor, near: float, far: float, background, cfg: GridModelConfig | None = None,
-                 teacher_dim: int = 0):
+                 teacher_dim: int = 0, contraction: Contraction | None = None):
         super().__init__()
         # A copy: the schedule and the feature branch change the model's settings, never the caller's config.
         cfg = copy.deepcopy(cfg) if cfg is not None else GridModelConfig()
@@ -74,12 +92,17 @@ class GridModel(Model):
         self.near, self.far = float(near), float(far)
         self.register_buffer("background", torch.as_tensor(background, dtype=torch.float32))
         self.schedule = GridSchedule(cfg)
-        self.field = TensoRFField(aabb, voxel_res(aabb, cfg.voxels_init), cfg.field)
+        self.contraction = contraction
+        if contraction is not None:
+            aabb = torch.tensor([[-2.0] * 3, [2.0] * 3], device=aabb.device)
+        self.field = TensoRFField(aabb, voxel_res(aabb, cfg.voxels_init, aspect=cfg.voxel_aspect), cfg.field)
+        self.field.contraction = contraction
         # Low-dim rendered features -> teacher space, applied after compositing (once per ray, not per sample).
         self.decoder = torch.nn.Linear(cfg.field.feature_dim, teacher_dim) if cfg.field.feature_dim and teacher_dim else None
         self.lifted: LiftedFeatures | None = None
         self.occupancy: OccupancyGrid | None = None
-        self.shrunk = False
+        # A contracted grid already spans all of space: there is nothing to shrink to, so it counts as shrunk.
+        self.shrunk = contraction is not None
         self._update_step_size()
 
     # -- structure (changed by the schedule) ----------------------------------------------------
@@ -90,7 +113,7 @@ class GridModel(Model):
 
     def resize_grid(self, n_voxels: int) -> None:
         """Resample the volumes at about `n_voxels` cells over the current box."""
-        self.field.resize(voxel_res(self.field.aabb, n_voxels))
+        self.field.resize(voxel_res(self.field.aabb, n_voxels, aspect=self.cfg.voxel_aspect))
         self._update_step_size()
 
     @torch.no_grad()
@@ -101,15 +124,15 @@ class GridModel(Model):
         With `shrink`, the box also shrinks to the occupied cells plus a two-cell margin and the volumes are
         resampled over it with the same voxel count, so the resolution gets finer."""
         res = tuple(min(r, self.cfg.occupancy_max_res) for r in self.field.res)
-        grid = OccupancyGrid(self.field.aabb, max(res))
+        grid = OccupancyGrid(self.field.aabb, max(res), self.contraction)
         frac = grid.update(self.field.density, self.step, self.cfg.occupancy_threshold)
-        if shrink:
+        if shrink and self.contraction is None:
             box = grid.occupied_aabb()
             # Keep a margin of two cells so surfaces near the edge are not clipped.
             pad = 2 * (grid.aabb[1] - grid.aabb[0]) / grid.resolution
             box = torch.stack([torch.maximum(box[0] - pad, grid.aabb[0]), torch.minimum(box[1] + pad, grid.aabb[1])])
             vox = int(torch.tensor(self.field.res).prod())
-            self.field.resize(voxel_res(box, vox), box)
+            self.field.resize(voxel_res(box, vox, aspect=self.cfg.voxel_aspect), box)
             self._update_step_size()
             self.shrunk = True
         self.occupancy = grid
@@ -119,17 +142,24 @@ class GridModel(Model):
     def render_settings(self) -> RenderSettings:
         """How this model's rays are marched now (the step follows the grid's resolution)."""
         return RenderSettings(self.near, self.far, self.step, self.background, self.cfg.weight_threshold,
-                              self.cfg.max_samples)
+                              self.cfg.max_samples, contraction=self.contraction,
+                              distortion=self.contraction is not None and self.cfg.distortion_weight > 0)
 
     def as_field(self, decoded: bool = False) -> "GridSceneField":
         """The renderer's view of this model; `decoded` gives features in the teacher's space (for queries, edits)."""
         return GridSceneField(self, decoded)
 
     def render_rays(self, rays: Rays, generator: torch.Generator | None = None, features: bool = False) -> dict[str, torch.Tensor]:
-        return render_field(self.as_field(), rays, self.render_settings(), generator, features)
+        settings = self.render_settings()
+        if generator is not None and self.contraction is not None and self.cfg.random_background:
+            # Every pixel of an unbounded scene sees something: a random colour behind each training ray makes any
+            # transparency cost, so a white sky is not left to the background colour and far content gets built.
+            background = torch.rand(len(rays), 3, generator=generator).to(rays.origins.device)
+            settings = dataclasses.replace(settings, background=background)
+        return render_field(self.as_field(), rays, settings, generator, features)
 
-    def scene_box(self) -> torch.Tensor:
-        return self.field.aabb
+    def scene_box(self) -> torch.Tensor | None:
+        return self.field.aabb if self.contraction is None else None
 
     # -- features -------------------------------------------------------------------------------
     @property
@@ -190,6 +220,13 @@ class GridModel(Model):
             groups.append({"params": feat_net, "lr": self.cfg.lr_network * lr_scale, "name": "feature_network"})
         return groups
 
+    def losses(self, out: dict[str, torch.Tensor], target_rgb: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The colour MSE, plus the weighted distortion loss of unbounded scenes when the render carries it."""
+        terms = super().losses(out, target_rgb)
+        if "distortion" in out and self.cfg.distortion_weight > 0:
+            terms["distortion"] = self.cfg.distortion_weight * out["distortion"].mean()
+        return terms
+
     def regularizer(self, step: int) -> torch.Tensor | None:
         """L1 sparsity on the density volume (lighter once the box has shrunk), plus the optional TV terms."""
         c = self.cfg
@@ -221,7 +258,7 @@ class GridModel(Model):
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
         if "occupancy.occupied" in tensors:
-            self.occupancy = OccupancyGrid(tensors["occupancy.aabb"], 2)
+            self.occupancy = OccupancyGrid(tensors["occupancy.aabb"], 2, self.contraction)
             self.occupancy.load({"aabb": tensors["occupancy.aabb"], "occupied": tensors["occupancy.occupied"]})
         if "lifted.grid" in tensors:
             self.lifted = LiftedFeatures.from_state({k[len("lifted."):]: v for k, v in tensors.items() if k.startswith("lifted.")})

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dfield.config import TrainConfig, to_dict
+from dfield.config import TrainConfig, apply_scene_defaults, to_dict
 from dfield.core import ranks
 from dfield.core.metrics import peak_rss_bytes, psnr_from_mse
 from dfield.core.pixels import PixelRuns
@@ -133,6 +133,10 @@ class Trainer:
         cfg.data.path = Path(cfg.data.path).resolve()
         _check_feature_options(cfg)
         data = ranks.main_first(lambda: load_train_data(cfg), local=True)  # the first decodes into the image store
+        # The scene type auto chose is saved: every later load of the run (eval, render, resume) models it alike.
+        cfg.data.scene_type = data.scene_type
+        if cfg.scene_defaults:
+            apply_scene_defaults(cfg, data.scene_type)
         teacher = None
         if cfg.features.teacher:  # built once here: its width goes into the saved config
             teacher = make_teacher(cfg.features.teacher)
