@@ -174,6 +174,16 @@ def _corrupt_test_png(tmp_path, make_blender):
     return root, "r_0.png"
 
 
+def test_a_schedule_that_ends_well_inside_the_budget_says_so(cli_run, tmp_path, capsys):
+    scene, _ = cli_run
+    tiny10 = [*TINY[:1], "10", *TINY[2:]]
+    assert main(["train", str(scene), "--out", str(tmp_path / "run"), *tiny10, "--max-seconds", "600", "--no-eval"]) == 0
+    out = capsys.readouterr().err  # dfield's messages go to stderr, results to stdout
+    assert "schedule ended at" in out and "of the 600 s budget" in out and "--iterations" in out
+    assert main(["train", str(scene), "--out", str(tmp_path / "run2"), *tiny10, "--no-eval"]) == 0
+    assert "budget" not in capsys.readouterr().err  # no budget given: nothing to say
+
+
 @pytest.mark.parametrize("make_scene", [
     _missing, _empty, _corrupt_png, _matrix_3x3, _corrupt_test_png,
 ])
