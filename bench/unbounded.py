@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fit_speed import apply_override  # bench/ is on the path when a bench script runs
 
 from dfield.config import DataConfig, TrainConfig, to_dict
 from dfield.core.camera_paths import orbit_path
@@ -79,23 +80,6 @@ def ensure_scene(args) -> SceneSpec:
         generate_scene(args.scene, spec)
         print(f"generated {args.scene} in {time.perf_counter() - t0:.1f} s", flush=True)
     return spec
-
-
-def apply_override(cfg, item: str) -> None:
-    """KEY=VALUE on a nested dataclass, parsed as the field's current type (tuples: comma lists)."""
-    key, _, value = item.partition("=")
-    *path, name = key.split(".")
-    target = cfg
-    for part in path:
-        target = getattr(target, part)
-    old = getattr(target, name)
-    if isinstance(old, tuple):
-        new = tuple(type(old[0])(v) if old else int(v) for v in value.split(",") if v)
-    elif isinstance(old, bool):
-        new = value.lower() in ("1", "true", "yes")
-    else:
-        new = type(old)(value)
-    setattr(target, name, new)
 
 
 def train_one(args, kind: str) -> tuple[Trainer, dict]:
