@@ -366,13 +366,19 @@ def _shade(objects, light, o, d, t, ids):
         m = ids == obj.id
         if m.any():
             normal[m], albedo[m] = obj.surface(p[m])
+    # Hard shadows: the ground cannot shadow anything (the light is above it), so test objects only.
+    return _lit(p, normal, albedo, light, objects)
+
+
+def _lit(p, normal, albedo, light, blockers):
+    """Colours of surface points (N, 3) with their normals and albedos: ambient plus Lambert diffuse light, zero
+    diffuse where any of `blockers` (things with `hit(o, d)`) stands between the point and the light."""
     lambert = np.clip(normal @ light, 0, None)
     lit = np.nonzero(lambert > 0)[0]
-    # Hard shadows: the ground cannot shadow anything (the light is above it), so test objects only.
     origin = p[lit] + SHADOW_OFFSET * normal[lit]
     towards = np.broadcast_to(light, origin.shape)
     blocked = np.zeros(len(lit), bool)
-    for obj in objects:
+    for obj in blockers:
         blocked |= np.isfinite(obj.hit(origin, towards))
     lambert[lit[blocked]] = 0
     return albedo * (AMBIENT + DIFFUSE * lambert[:, None])
@@ -502,15 +508,7 @@ def _shade_surroundings(pillars, objects, light, o, d):
         m = which[solid] == k
         if m.any():
             normal[m], albedo[m] = pillar.surface(p[m])
-    lambert = np.clip(normal @ light, 0, None)
-    lit = np.nonzero(lambert > 0)[0]
-    origin = p[lit] + SHADOW_OFFSET * normal[lit]
-    towards = np.broadcast_to(light, origin.shape)
-    blocked = np.zeros(len(lit), bool)
-    for obj in list(objects) + list(pillars):
-        blocked |= np.isfinite(obj.hit(origin, towards))
-    lambert[lit[blocked]] = 0
-    color[solid] = albedo * (AMBIENT + DIFFUSE * lambert[:, None])
+    color[solid] = _lit(p, normal, albedo, light, list(objects) + list(pillars))
     return color
 
 
