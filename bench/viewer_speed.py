@@ -42,6 +42,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def drag(page, box, state, moves: int) -> tuple[list[float], list[float]]:
+    """Drag the camera `moves` times (left and right in turn); seconds from each drag to the new camera's first
+    (coarse) frame and to its full frame."""
+    coarse, full = [], []
+    for i in range(moves):
+        state.renderer.wait_idle(30)
+        before_view = state.frame.view
+        cx, cy = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5
+        page.mouse.move(cx, cy)
+        page.mouse.down()
+        page.mouse.move(cx + (40 if i % 2 == 0 else -40), cy, steps=4)
+        page.mouse.up()
+        c = wait_until(lambda: state.frame is not None and state.frame.view != before_view, 30)
+        f = wait_until(lambda: state.full is not None and state.full.view == state.frame.view
+                       and state.full.view != before_view, 60)
+        if c is not None:
+            coarse.append(c)
+        if f is not None:
+            full.append(f)
+    return coarse, full
+
+
 def latency(run: Path, resolution: int, moves: int) -> dict:
     viewer = Viewer([run], port=free_port(), levels=(64, resolution), verbose=False)
     out = {}
@@ -51,28 +73,14 @@ def latency(run: Path, resolution: int, moves: int) -> dict:
             out["first_full_frame_s"] = wait_until(lambda: viewer.wait_frames(0.0), 60)
             out["page_load_s"] = load_s
             state = next(iter(viewer.clients.values()))
-            coarse, full = [], []
             box = page.locator("canvas").first.bounding_box()
-            for i in range(moves):
-                state.renderer.wait_idle(30)
-                before_view = state.frame.view
-                cx, cy = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5
-                page.mouse.move(cx, cy)
-                page.mouse.down()
-                page.mouse.move(cx + (40 if i % 2 == 0 else -40), cy, steps=4)
-                page.mouse.up()
-                c = wait_until(lambda: state.frame is not None and state.frame.view != before_view, 30)
-                f = wait_until(lambda: state.full is not None and state.full.view == state.frame.view
-                               and state.full.view != before_view, 60)
-                if c is not None:
-                    coarse.append(c)
-                if f is not None:
-                    full.append(f)
-            out["move_coarse_s"], out["move_full_s"] = coarse, full
+            out["move_coarse_s"], out["move_full_s"] = drag(page, box, state, moves)
             state.renderer.wait_idle(30)
             shown = state.shown
             click_canvas(page, 0.5, 0.5)
             out["click_recolour_s"] = wait_until(lambda: state.shown > shown and viewer.session.query.prompts, 30)
+            # Looking around the selection: the overlay needs features in every frame, coarse ones too.
+            out["query_move_coarse_s"], out["query_move_full_s"] = drag(page, box, state, moves)
             out["errors"] = list(viewer.errors)
             out["frame_size"] = list(state.full.size)
             out["render_seconds_per_level"] = {str(k): v for k, v in state.renderer.last_seconds.items()}
@@ -130,7 +138,8 @@ def main(argv=None) -> None:
     print(f"first frame {lat['first_frame_s']:.2f} s, first full frame {lat['first_full_frame_s']:.2f} s after the page "
           f"opened; camera move: coarse {med(lat['move_coarse_s']):.2f} s, full {lat['frame_size'][0]}x"
           f"{lat['frame_size'][1]} {med(lat['move_full_s']):.2f} s (medians of {len(lat['move_full_s'])}); "
-          f"click query re-coloured in {lat['click_recolour_s'] or float('nan'):.2f} s")
+          f"click query re-coloured in {lat['click_recolour_s'] or float('nan'):.2f} s; moves with the query shown: "
+          f"coarse {med(lat['query_move_coarse_s']):.2f} s, full {med(lat['query_move_full_s']):.2f} s")
     print(f"render seconds per level: {lat['render_seconds_per_level']}")
     if args.train_seconds > 0:
         res["training"] = tr = training_cost(args.run, args.train_seconds, args.work)

@@ -58,12 +58,17 @@ def test_viewer_in_a_browser(feature_run, tmp_path, monkeypatch, teacher_cache):
             assert first is not None, f"no frame within 60 s (errors: {viewer.errors})"
             state = next(iter(viewer.clients.values()))
             assert state.full.size == (160, 160)
-            page.wait_for_timeout(500)  # the browser decodes and draws the background image
+            # The browser may still send a camera or two while it settles on the initial one: wait until the sharp
+            # frame of its last camera is up, and the browser has drawn it.
+            page.wait_for_timeout(500)
+            assert state.renderer.wait_idle(60) and viewer._current(state) is state.full
+            page.wait_for_timeout(500)
             page.screenshot(path=str(tmp_path / "first_frame.png"))
             shown, image_before = state.shown, state.last_image.copy()
             click_canvas(page, fx, fy)
             recolour = wait_until(lambda: state.shown > shown and viewer.session.query.prompts, 20)
             assert recolour is not None, f"the click did not re-colour the view (errors: {viewer.errors})"
+            assert state.renderer.wait_idle(60)
             page.wait_for_timeout(500)
             page.screenshot(path=str(tmp_path / "after_click.png"))
         assert viewer.mode == "overlay" and viewer.errors == []
