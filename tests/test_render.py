@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dfield.core.rays import Rays
-from dfield.core.rendering import composite, render_field, scatter_samples, weights_from_density
+from dfield.core.rendering import composite, composite_samples, render_field, scatter_samples, weights_from_density
 from dfield.core.sampling import OccupancyGrid, march, ray_aabb
 from dfield.fields import vm
 from dfield.fields.tensorf import TensoRFConfig
@@ -512,3 +512,22 @@ def test_render_without_gradients_matches_the_one_pass_render():
         empty = render_field(field, miss, s, None, features=True, channels=channels)
     assert empty["feature"].shape == (1, 5) and empty["both"].shape == (1, 2) and empty["height"].shape == (1,)
     assert torch.equal(empty["rgb"], torch.tensor([BACKGROUND]))
+
+
+def test_features_composited_from_kept_samples_match_a_render_with_features():
+    """A render that keeps its visible samples (`visible=True`; the viewer shows colour first) gives, through
+    `composite_samples`, the features a render with features gives, on both render paths; its colour is the same."""
+    model = _tiny_grid_model()
+    model.add_feature_field(5, 7)
+    rays = _random_rays(300, seed=12)
+    field, s = model.as_field(), model.render_settings()
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            whole = render_field(field, rays, s, None, features=True)
+            kept = render_field(field, rays, s, None, visible=True)
+        seen = kept["visible"]
+        assert "feature" not in kept and len(seen.ray) > 100 and seen.ray.max() < len(rays)
+        torch.testing.assert_close(kept["rgb"], whole["rgb"])
+        with torch.no_grad():
+            later = composite_samples(field.features, rays, seen)
+        torch.testing.assert_close(later, whole["feature"].detach(), atol=1e-5, rtol=1e-4)

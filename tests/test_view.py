@@ -85,6 +85,47 @@ def test_progressive_renderer_refines_and_drops_stale_frames():
     assert shown == [(views[1], 64), (views[1], 256)]  # nothing of the stale camera reached the screen
 
 
+def test_progressive_renderer_finishes_the_sharp_frame_after_showing_it():
+    shown, finishing = [], threading.Event()
+    views = [ViewCamera((float(i), 0, 0), (1, 0, 0, 0), 1.0, 1.0) for i in range(2)]
+
+    def finish(frame, cancelled):
+        if frame[0] is views[0]:
+            finishing.set()
+            for _ in range(400):  # a newer camera arrives while it finishes: its result must not be shown
+                if cancelled():
+                    raise Cancelled
+                time.sleep(0.005)
+        return frame + ("finished",)
+
+    r = ProgressiveRenderer(lambda view, side, cancelled: (view, side), lambda f, level: shown.append((f, level)),
+                            levels=(8, 32), finish=finish)
+    r.request(views[0])
+    assert finishing.wait(5)
+    r.request(views[1])
+    assert r.wait_idle(10)  # idle only once the finish is done
+    r.stop()
+    assert shown[-3:] == [((views[1], 8), 0), ((views[1], 32), 1), ((views[1], 32, "finished"), 1)]
+    assert ((views[0], 32, "finished"), 1) not in shown and "finish" in r.last_seconds
+
+
+def test_a_frame_gets_its_features_after_its_colour(run):
+    """The viewer shows a full frame's colour first and adds its features from the samples it kept: the same
+    features a render with features gives, for the feature branch's cost alone."""
+    s = ViewerSession(run)
+    view = s.home(1.0)
+    whole = s.render(view, 40, features=True)
+    first = s.render(view, 40, features=False, later=True)
+    assert first.feature is None and first.later is not None
+    torch.testing.assert_close(first.rgb, whole.rgb)
+    with pytest.raises(Cancelled):
+        s.add_features(first, lambda: True)
+    done = s.add_features(first)
+    assert done.later is None and done.feature.shape == whole.feature.shape
+    torch.testing.assert_close(done.feature, whole.feature, atol=1e-5, rtol=1e-4)
+    assert s.render(view, 40, features=False).later is None  # nothing kept unless asked
+
+
 def test_session_click_query_and_edit_round_trip(run, tmp_path):
     s = ViewerSession(run)
     view = s.home(1.0)
@@ -242,10 +283,10 @@ def test_click_while_the_sharp_frame_renders_waits_for_it(run):
             scene=SimpleNamespace(set_background_image=lambda img, **k: shown.append(img)))
         render = viewer.session.render
 
-        def slow_render(view, side, cancelled=lambda: False, features=True):
+        def slow_render(view, side, cancelled=lambda: False, features=True, later=False):
             if side == 64:
                 time.sleep(0.5)  # the sharp frame is still on its way when the click lands
-            return render(view, side, cancelled, features)
+            return render(view, side, cancelled, features, later)
 
         viewer.session.render = slow_render
         viewer._connect(client)

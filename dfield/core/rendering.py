@@ -139,7 +139,7 @@ class RenderSettings:
 
 def render_field(field: Field, rays: Rays, settings: RenderSettings, generator: torch.Generator | None = None,
                  features: bool = False, channels: dict[str, Callable] | None = None,
-                 colors: bool = True) -> dict[str, torch.Tensor]:
+                 colors: bool = True, visible: bool = False) -> dict[str, torch.Tensor | VisibleSamples]:
     """March `rays` through `field` and composite colour (and features, and any extra per-point `channels`).
 
     Only samples that visibly contribute (weight > `settings.weight_threshold`) pay for colour and features.
@@ -154,10 +154,13 @@ def render_field(field: Field, rays: Rays, settings: RenderSettings, generator: 
         channels: name -> function of points (M, 3) -> (M,) or (M, C), composited like features.
         colors: False skips the colour branch (no `rgb` in the result): fitting features on a frozen field needs
             only the weights.
+        visible: also return `visible`, the VisibleSamples composited (ray indices into `rays`, detached), so
+            features can be added later with `composite_samples` and no second march (the viewer shows colour
+            first).
 
     Returns:
         rgb (R, 3), depth (R,) (weighted distance, not divided by opacity), acc (R,) (opacity), and
-        feature (R, C) / each channel when asked.
+        feature (R, C) / each channel / visible when asked.
 
     Example:
         >>> class Ball:  # an opaque unit ball, red
@@ -171,7 +174,7 @@ def render_field(field: Field, rays: Rays, settings: RenderSettings, generator: 
     """
     s = settings
     if s.window > 0 and generator is None and not torch.is_grad_enabled():
-        return _render_terminated(field, rays, s, features, channels, colors)
+        return _render_terminated(field, rays, s, features, channels, colors, visible)
     with PROFILER.phase("march"):
         samples = march(rays, field.aabb, s.near, s.far, s.step, field.occupancy, generator, s.max_samples,
                         s.contraction)
@@ -194,6 +197,8 @@ def render_field(field: Field, rays: Rays, settings: RenderSettings, generator: 
     # padded (rays, samples, C) layout would cost gigabytes per chunk. Stop-gradient on the weights: the
     # feature loss shapes features, never density (as in DFF).
     w_heavy, ray_heavy = weights.detach()[color_mask], samples.ray_index[heavy]
+    if visible:
+        out["visible"] = VisibleSamples(ray_heavy, samples.t.detach()[color_mask], w_heavy)
 
     def per_ray(v: torch.Tensor) -> torch.Tensor:
         v = v[:, None] if v.dim() == 1 else v
@@ -291,14 +296,33 @@ def visible_samples(field: Field, rays: Rays, settings: RenderSettings) -> Visib
     return VisibleSamples(*(torch.cat(x) for x in zip(*parts)))
 
 
+def composite_samples(fn: Callable[[torch.Tensor], torch.Tensor], rays: Rays, samples: VisibleSamples) -> torch.Tensor:
+    """(R, C) per-ray weighted sums of `fn` (points (M, 3) -> (M, C)) at the visible samples of `rays`: what
+    `render_field` composites for features, from samples found before (its `visible` output, `visible_samples`).
+
+    Example:
+        >>> rays = Rays(torch.zeros(2, 3), torch.tensor([[0.0, 0, 1], [1.0, 0, 0]]))
+        >>> seen = VisibleSamples(torch.tensor([0, 0, 1]), torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 0.25, 1.0]))
+        >>> composite_samples(lambda x: x, rays, seen)  # 0.5 * (0, 0, 1) + 0.25 * (0, 0, 2); 1.0 * (3, 0, 0)
+        tensor([[0., 0., 1.],
+                [3., 0., 0.]])
+    """
+    pos = rays.origins[samples.ray] + rays.directions[samples.ray] * samples.t[:, None]
+    v = fn(pos)
+    v = v[:, None] if v.dim() == 1 else v
+    return v.new_zeros(len(rays), v.shape[1]).index_add(0, samples.ray, samples.weight[:, None].to(v) * v)
+
+
 def _render_terminated(field: Field, rays: Rays, s: RenderSettings, features: bool,
-                       channels: dict[str, Callable] | None, colors: bool = True) -> dict[str, torch.Tensor]:
+                       channels: dict[str, Callable] | None, colors: bool = True,
+                       visible: bool = False) -> dict[str, torch.Tensor | VisibleSamples]:
     """`render_field` without gradients, through `_terminated_windows` (rays stop once nothing more can be seen)."""
     R, device = len(rays), rays.origins.device
     rgb = torch.zeros(R, 3, device=device)
     depth = torch.zeros(R, device=device)
     acc = torch.zeros(R, device=device)
     wide: dict[str, torch.Tensor] = {}
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     wanted = {} if not (features and field.features is not None) else {"feature": field.features}
     wanted.update({name: (lambda fn: lambda p: fn(p).float())(fn) for name, fn in (channels or {}).items()})
     for idx, smp, w in _terminated_windows(field, rays, s):
@@ -309,6 +333,8 @@ def _render_terminated(field: Field, rays: Rays, s: RenderSettings, features: bo
         ray_heavy = idx[smp.ray_index[heavy]]
         if len(pos):
             w_heavy = w[color_mask]
+            if visible:
+                seen.append((ray_heavy, smp.t[color_mask], w_heavy))
             if colors:
                 with PROFILER.phase("color"):
                     col = field.color(pos, rays.directions[ray_heavy])
@@ -325,6 +351,10 @@ def _render_terminated(field: Field, rays: Rays, s: RenderSettings, features: bo
     out = {"depth": depth, "acc": acc}
     if colors:
         out["rgb"] = rgb + (1.0 - acc)[:, None] * s.background
+    if visible:
+        empty = rays.origins.new_zeros(0)
+        out["visible"] = (VisibleSamples(*(torch.cat(x) for x in zip(*seen))) if seen
+                          else VisibleSamples(empty.long(), empty, empty))
     for name in wanted:
         if name in wide:
             out[name] = wide[name] if name == "feature" else wide[name].squeeze(-1)

@@ -35,10 +35,11 @@ class EditedModel(Model):
         self.base, self.field, self.layers = base, field, layers
         self.background = base.background
 
-    def render_rays(self, rays, generator=None, features: bool = False, channels=None) -> dict[str, torch.Tensor]:
+    def render_rays(self, rays, generator=None, features: bool = False, channels=None,
+                    visible: bool = False) -> dict[str, torch.Tensor]:
         """Like the base model's, through the edits (never jittered); `channels` composites extra functions of
         points (e.g. `touched`)."""
-        return render_field(self.field, rays, self.base.render_settings(), None, features, channels)
+        return render_field(self.field, rays, self.base.render_settings(), None, features, channels, visible=visible)
 
     def as_field(self, decoded: bool = True):
         return self.field

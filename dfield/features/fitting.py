@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from dfield.core.rays import RayBatcher, Rays, pixel_coords
-from dfield.core.rendering import render_field, visible_samples
+from dfield.core.rendering import VisibleSamples, composite_samples, render_field, visible_samples
 from dfield.data.dataset import Dataset
 from dfield.models.grid import GridModel
 from dfield.models.losses import feature_loss, patch_tv_loss
@@ -72,9 +72,7 @@ class SamplePool:
         rows = start[ray] + torch.arange(len(ray)) - first
         device = rays.origins.device
         ray, t, w = ray.to(device), self.t[rows].to(device), self.weight[rows].to(device)
-        pos = rays.origins[ray] + rays.directions[ray] * t[:, None]
-        f = model.field.features(pos)
-        return f.new_zeros(len(ids), f.shape[1]).index_add(0, ray, w[:, None] * f)
+        return composite_samples(model.field.features, rays, VisibleSamples(ray, t, w))
 
 
 def ray_feature_loss(model: GridModel, data: Dataset, maps, rays, ids: torch.Tensor, loss: str = "l2") -> torch.Tensor:

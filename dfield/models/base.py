@@ -31,9 +31,12 @@ class Model(nn.Module):
     schedule: Schedule = Schedule()
 
     # -- rendering --------------------------------------------------------------------------------
-    def render_rays(self, rays: Rays, generator: torch.Generator | None = None, features: bool = False) -> dict[str, torch.Tensor]:
+    def render_rays(self, rays: Rays, generator: torch.Generator | None = None, features: bool = False,
+                    visible: bool = False) -> dict[str, torch.Tensor]:
         """Render R rays; `generator` jitters samples (training). `features=True` also returns `feature` (R, C)
-        where the model has a feature field."""
+        where the model has a feature field; `visible=True` also returns `visible`, the samples composited
+        (`dfield.core.rendering.VisibleSamples`), where the model renders through `render_field`, so features can
+        follow later through `composite_samples(model.as_field().features, rays, visible)`."""
         raise NotImplementedError
 
     @torch.no_grad()

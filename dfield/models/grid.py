@@ -149,14 +149,15 @@ class GridModel(Model):
         """The renderer's view of this model; `decoded` gives features in the teacher's space (for queries, edits)."""
         return GridSceneField(self, decoded)
 
-    def render_rays(self, rays: Rays, generator: torch.Generator | None = None, features: bool = False) -> dict[str, torch.Tensor]:
+    def render_rays(self, rays: Rays, generator: torch.Generator | None = None, features: bool = False,
+                    visible: bool = False) -> dict[str, torch.Tensor]:
         settings = self.render_settings()
         if generator is not None and self.contraction is not None and self.cfg.random_background:
             # Every pixel of an unbounded scene sees something: a random colour behind each training ray makes any
             # transparency cost, so a white sky is not left to the background colour and far content gets built.
             background = torch.rand(len(rays), 3, generator=generator).to(rays.origins.device)
             settings = dataclasses.replace(settings, background=background)
-        return render_field(self.as_field(), rays, settings, generator, features)
+        return render_field(self.as_field(), rays, settings, generator, features, visible=visible)
 
     def scene_box(self) -> torch.Tensor | None:
         return self.field.aabb if self.contraction is None else None

@@ -99,8 +99,10 @@ class NeRFModel(Model):
         return {"rgb": composite(w, rgb.view(r, s, 3)) + (1 - acc)[:, None] * self.background,
                 "depth": (w * t).sum(-1), "acc": acc, "weights": w}
 
-    def render_rays(self, rays: Rays, generator: torch.Generator | None = None, features: bool = False) -> dict[str, torch.Tensor]:
-        """`features` is accepted for the common signature; this model has no feature field, so none are returned."""
+    def render_rays(self, rays: Rays, generator: torch.Generator | None = None, features: bool = False,
+                    visible: bool = False) -> dict[str, torch.Tensor]:
+        """`features` and `visible` are accepted for the common signature; this model has no feature field and
+        samples its own way, so neither is returned."""
         n, dev = self.cfg.n_coarse, rays.origins.device
         edges = torch.linspace(self.near, self.far, n + 1, device=dev).expand(len(rays), n + 1)
         if generator is not None:

@@ -17,7 +17,9 @@ class ProgressiveRenderer:
     to fine) and hand every finished frame to `show(frame, level)`.
 
     `render(view, side, cancelled)` makes a Frame and should raise Cancelled when `cancelled()` turns true;
-    `on_error(exception)` hears about anything else a render raises (the loop keeps running).
+    `finish(frame, cancelled)`, when given, completes the finest frame after it is shown (the viewer adds its
+    features there) and its result is shown again; `on_error(exception)` hears about anything else a render
+    raises (the loop keeps running). A request counts as done (`wait_idle`) once finished.
 
     Example:
         >>> shown = []
@@ -30,8 +32,9 @@ class ProgressiveRenderer:
 
     def __init__(self, render: Callable[[ViewCamera, int, Callable[[], bool]], Frame],
                  show: Callable[[Frame, int], None], levels: tuple[int, ...] = (64, 256),
-                 on_error: Callable[[BaseException], None] | None = None):
-        self.render, self.show, self.levels = render, show, tuple(levels)
+                 on_error: Callable[[BaseException], None] | None = None,
+                 finish: Callable[[Frame, Callable[[], bool]], Frame] | None = None):
+        self.render, self.show, self.levels, self.finish = render, show, tuple(levels), finish
         self.on_error = on_error or (lambda e: None)
         self._cond = threading.Condition()
         self._view: ViewCamera | None = None
@@ -39,7 +42,7 @@ class ProgressiveRenderer:
         self._done = -1  # the last generation rendered to the finest level (or abandoned)
         self._stopped = False
         self.frames = 0
-        self.last_seconds: dict[int, float] = {}
+        self.last_seconds: dict[int | str, float] = {}  # per level, and "finish"
         self._thread = threading.Thread(target=self._loop, name="dfield-render", daemon=True)
         self._thread.start()
 
@@ -72,6 +75,23 @@ class ProgressiveRenderer:
     def _stale(self, gen: int) -> bool:
         return self._stopped or self._gen != gen
 
+    def _finish(self, frame: Frame, level: int, gen: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            done = self.finish(frame, lambda: self._stale(gen))
+        except Cancelled:
+            return
+        except Exception as e:  # noqa: BLE001
+            self.on_error(e)
+            return
+        if done is frame or self._stale(gen):
+            return
+        self.last_seconds["finish"] = time.perf_counter() - t0
+        try:
+            self.show(done, level)
+        except Exception as e:  # noqa: BLE001
+            self.on_error(e)
+
     def _loop(self) -> None:
         while True:
             with self._cond:
@@ -97,6 +117,8 @@ class ProgressiveRenderer:
                     self.show(frame, level)
                 except Exception as e:  # noqa: BLE001
                     self.on_error(e)
+                if self.finish is not None and level == len(self.levels) - 1:
+                    self._finish(frame, level, gen)
             with self._cond:
                 if self._gen == gen:
                     self._done = gen

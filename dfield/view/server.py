@@ -100,8 +100,10 @@ class Viewer:
     def _connect(self, client) -> None:
         state = _Client(client, None)
         state.renderer = ProgressiveRenderer(
-            lambda v, side, cancelled: self.session.render(v, side, cancelled, features=self._features_at(side)),
-            lambda f, level: self._show(state, f, level), self.levels, on_error=self._error)
+            lambda v, side, cancelled: self.session.render(v, side, cancelled, features=self._features_shown(),
+                                                           later=side == self.levels[-1]),
+            lambda f, level: self._show(state, f, level), self.levels, on_error=self._error,
+            finish=lambda f, cancelled: self.session.add_features(f, cancelled))
         with self._lock:
             self.clients[client.client_id] = state
         client.camera.on_update(lambda cam: state.renderer.request(self._view(cam)))
@@ -110,10 +112,11 @@ class Viewer:
         except AssertionError:  # the browser has not reported its camera yet; on_update will
             pass
 
-    def _features_at(self, side: int) -> bool:
-        # Coarse frames skip the feature branch unless the mode shows features: moving stays fast, and clicks
-        # wait for the full frame, which always has them.
-        return side == self.levels[-1] or self.mode not in ("rgb", "depth")
+    def _features_shown(self) -> bool:
+        # Frames of modes that do not show features skip the feature branch: moving stays fast, and the full frame
+        # is up a quarter sooner; its features follow from the samples it kept (the renderer's `finish`), and a
+        # click waits for them.
+        return self.mode not in ("rgb", "depth")
 
     def _disconnect(self, client) -> None:
         with self._lock:
@@ -180,9 +183,9 @@ class Viewer:
 
     # ------------------------------------------------------------------------------------------ pointer
     def _client_frame(self, client_id: int, wait_s: float = 30.0) -> Frame | None:
-        """The frame a click or box on `client_id` refers to, with features. A click that lands while the camera's
-        sharp frame is still rendering (only coarse frames skip features) waits for it: the camera rests, so the
-        renderer is finishing exactly the view the user clicked on."""
+        """The frame a click or box on `client_id` refers to, with features. A click that lands before the
+        resting camera's frame has them (coarse frames have none; the full one gets them just after it is shown)
+        waits for them: the camera rests, so the renderer is finishing exactly the view the user clicked on."""
         state = self.clients.get(client_id)
         frame = None if state is None else self._current(state)
         if frame is not None and frame.feature is None and self.session.has_features:

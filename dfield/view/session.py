@@ -39,7 +39,7 @@ from dfield.query.relevance import view_relevance
 from dfield.query.sets import QuerySet, save_query_set
 from dfield.query.spec import OPAQUE, TEXT_NEGATIVES
 from dfield.view.camera import ViewCamera, look_at_point, scene_up, view_of
-from dfield.view.frames import Frame, compose, render_frame
+from dfield.view.frames import Frame, add_features, compose, render_frame
 
 SAMPLE_SIDE = 128  # training views are rendered this small for the scene's clusters and PCA (speed, not detail)
 
@@ -113,13 +113,19 @@ class ViewerSession:
         """The point the training cameras look at."""
         return look_at_point(self.train_cameras)
 
-    def render(self, view: ViewCamera, max_side: int, cancelled=lambda: False, features: bool = True) -> Frame:
+    def render(self, view: ViewCamera, max_side: int, cancelled=lambda: False, features: bool = True,
+               later: bool = False) -> Frame:
         """Render `view` with the current model (edits included), with features when the run has them and
-        `features` asks for them."""
+        `features` asks for them; `later` keeps what `add_features` needs to add them afterwards."""
         with self.lock:
             model = self.model
         return render_frame(model, view, max_side, features=features and self.has_features, ndc=self.ndc,
-                            cancelled=cancelled, device=self.device)
+                            cancelled=cancelled, device=self.device, later=later)
+
+    @staticmethod
+    def add_features(frame: Frame, cancelled=lambda: False) -> Frame:
+        """A frame rendered with `later` with its features added (see dfield.view.frames.add_features)."""
+        return add_features(frame, cancelled)
 
     def set_model(self, model, step: int) -> None:
         """Show other weights of the same run (a training snapshot): the edits are rebuilt on them, and the scene's
