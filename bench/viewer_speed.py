@@ -64,14 +64,18 @@ def drag(page, box, state, moves: int) -> tuple[list[float], list[float]]:
     return coarse, full
 
 
-def latency(run: Path, resolution: int, moves: int) -> dict:
-    viewer = Viewer([run], port=free_port(), levels=(64, resolution), verbose=False)
+def latency(run: Path, resolution: int, moves: int, compile: bool = True) -> dict:
+    viewer = Viewer([run], port=free_port(), levels=(64, resolution), verbose=False, compile=compile)
     out = {}
     try:
         with browser_page(viewer.url, 800, 800) as (page, load_s):
             out["first_frame_s"] = wait_until(lambda: viewer.wait_frames(0.0, full=False), 60)
             out["first_full_frame_s"] = wait_until(lambda: viewer.wait_frames(0.0), 60)
             out["page_load_s"] = load_s
+            # As `dfield view` does: the read kernels compile in the background after the first frame; the moves
+            # are timed once that is over (it takes both cores for a few seconds).
+            out["compile_s"] = wait_until(lambda: viewer.kernels != "compiling", 180)
+            out["kernels"] = viewer.kernels
             state = next(iter(viewer.clients.values()))
             box = page.locator("canvas").first.bounding_box()
             out["move_coarse_s"], out["move_full_s"] = drag(page, box, state, moves)
@@ -128,19 +132,21 @@ def main(argv=None) -> None:
     ap.add_argument("--moves", type=int, default=5)
     ap.add_argument("--train-seconds", type=float, default=60.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-compile", action="store_true", help="keep the eager read kernels (dfield view --no-compile)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dfield_viewer_speed"))
     ap.add_argument("--out", type=Path, default=REPO / "bench/results/viewer_speed.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     res = {"run": str(args.run), "resolution": args.resolution, "processor": platform.processor() or platform.machine()}
-    res["latency"] = lat = latency(args.run, args.resolution, args.moves)
+    res["latency"] = lat = latency(args.run, args.resolution, args.moves, compile=not args.no_compile)
     med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
     print(f"first frame {lat['first_frame_s']:.2f} s, first full frame {lat['first_full_frame_s']:.2f} s after the page "
           f"opened; camera move: coarse {med(lat['move_coarse_s']):.2f} s, full {lat['frame_size'][0]}x"
           f"{lat['frame_size'][1]} {med(lat['move_full_s']):.2f} s (medians of {len(lat['move_full_s'])}); "
           f"click query re-coloured in {lat['click_recolour_s'] or float('nan'):.2f} s; moves with the query shown: "
           f"coarse {med(lat['query_move_coarse_s']):.2f} s, full {med(lat['query_move_full_s']):.2f} s")
-    print(f"render seconds per level: {lat['render_seconds_per_level']}")
+    print(f"render seconds per level: {lat['render_seconds_per_level']}; compiled kernels: {lat['kernels']}"
+          + (f" ({lat['compile_s']:.1f} s after the first full frame)" if lat["compile_s"] is not None else ""))
     if args.train_seconds > 0:
         res["training"] = tr = training_cost(args.run, args.train_seconds, args.work)
         print(f"training {args.train_seconds:.0f} s: {tr['alone']['steps_per_wall_s']:.2f} steps/s alone, "

@@ -531,3 +531,30 @@ def test_features_composited_from_kept_samples_match_a_render_with_features():
         with torch.no_grad():
             later = composite_samples(field.features, rays, seen)
         torch.testing.assert_close(later, whole["feature"].detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_compiled_read_kernels_match_the_eager_reads(monkeypatch):
+    """`compile_kernels` (torch.compile of the VM read arithmetic, for the viewer) reads what the eager ops read,
+    is used only without gradients, and a compiler failure leaves the eager reads in place with the reason."""
+    import dfield.fields.vm as vm
+
+    monkeypatch.setattr(vm, "_compiled", None)  # whatever this test compiles is gone afterwards
+    torch.manual_seed(0)
+    vols = [VMVolume(4, (20, 16, 12)), VMVolume(6, 24)]
+    u = torch.rand(777, 3) * 1.2 - 0.1  # some outside [0, 1]: clamped the same way
+    with torch.no_grad():
+        eager = [v(u) for v in vols]
+    assert vm.compile_kernels(vols, sizes=(64, 67)) is None and vm._compiled is not None
+    with torch.no_grad():
+        for v, e in zip(vols, eager):
+            torch.testing.assert_close(v(u), e, atol=1e-6, rtol=1e-5)
+    out = vols[0](u)  # gradients on: the eager ops, which autograd knows
+    assert out.requires_grad and out.grad_fn is not None and "Compiled" not in type(out.grad_fn).__name__
+    vm.use_eager_kernels()
+    assert vm._compiled is None
+
+    def no_compiler(*a, **k):
+        raise RuntimeError("no C compiler found\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    assert vm.compile_kernels(vols) == "RuntimeError: no C compiler found" and vm._compiled is None

@@ -389,10 +389,11 @@ def info(run: Path) -> dict:
 
 
 def view(runs: list[Path], host: str = "127.0.0.1", port: int = 8080, resolution: int = 256, device: str = "cpu",
-         block: bool = True):
+         block: bool = True, compile: bool = True):
     """`dfield view`: serve runs in the browser (see dfield.view.server). Blocks until Ctrl-C when `block`; returns
-    the Viewer otherwise."""
-    viewer = Viewer(runs, host=host, port=port, levels=(min(64, resolution), resolution), device=device)
+    the Viewer otherwise. `compile`: compile the fields' read arithmetic in the background after the first frame."""
+    viewer = Viewer(runs, host=host, port=port, levels=(min(64, resolution), resolution), device=device,
+                    compile=compile)
     console.print(f"viewer on [bold]{viewer.url}[/bold] ({', '.join(str(r) for r in runs)}); Ctrl-C stops it",
                   highlight=False)
     if host not in ("127.0.0.1", "localhost", "::1"):

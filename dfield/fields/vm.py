@@ -141,6 +141,67 @@ def _offsets(res: tuple[int, int, int]) -> tuple[list[int], list[int]]:
     return [sum(plane_sizes[:k]) for k in range(4)], [sum(line_sizes[:k]) for k in range(4)]
 
 
+def _corners(u: torch.Tensor, res: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
+    """Table rows and weights of points u (N, 3) in a VM volume of resolution `res`: plane rows and weights
+    (3 * N, 4), line rows and weights (3 * N, 2), stacked plane by plane (neighbouring samples then read
+    neighbouring rows, which keeps the gather in cache)."""
+    po, lo = _offsets(res)
+    prow, pw, lrow, lw = [], [], [], []
+    for k, ((a, b), c) in enumerate(zip(PLANE_AXES, LINE_AXES)):
+        rows, w = _bilinear_rows(u[:, [a, b]], res[a], res[b])
+        prow.append(rows + po[k])
+        pw.append(w)
+        rows, w = _linear_rows(u[:, c], res[c])
+        lrow.append(rows + lo[k])
+        lw.append(w)
+    return torch.stack(prow).view(-1, 4), torch.stack(pw).view(-1, 4), torch.stack(lrow).view(-1, 2), torch.stack(lw).view(-1, 2)
+
+
+def _products(planes: torch.Tensor, lines: torch.Tensor, n_comp: int) -> torch.Tensor:
+    """Plane and line samples (3 * N, n_comp), plane by plane -> (N, 3 * n_comp) products, grouped by plane."""
+    n = planes.shape[0] // 3
+    return (planes * lines).view(3, n, n_comp).permute(1, 0, 2).reshape(n, 3 * n_comp)
+
+
+_EAGER = (_corners, _products)
+_compiled: tuple | None = None  # torch.compile'd (_corners, _products) for reads without gradients, once warmed up
+
+
+def compile_kernels(volumes: list[VMVolume], sizes: tuple[int, ...] = (4096, 4099)) -> str | None:
+    """Compile the volumes' read arithmetic (corner rows and weights, plane x line products) with torch.compile
+    (inductor: fused C++ loops instead of some forty small tensor ops per read) and use it for every read made
+    without gradients (rendering, queries); training keeps the eager ops, where it measured no faster.
+
+    Compiling takes 5-15 s of CPU (less with inductor's disk cache warm), so callers run it in the background: it
+    warms up on `volumes` (every resolution and width they have, at two sizes so the graphs are shape-generic)
+    before any read uses it, and a read never waits for a compile. Returns None when the compiled kernels are
+    in use, or why not (no C compiler, ...): reads then stay eager. Measured on a 2-core AMD EPYC: a 256x256
+    frame of the demo's run 0.77-0.87 s against 0.97-1.20 s eager, in one process (bitwise the same image).
+
+    Example:
+        >>> compile_kernels([VMVolume(4, 16)])  # doctest: +SKIP
+    """
+    global _compiled
+    try:
+        corners, products = torch.compile(_corners, dynamic=True), torch.compile(_products, dynamic=True)
+        with torch.no_grad():
+            for vol in volumes:
+                for n in sizes:
+                    u = torch.rand(n, 3, device=vol.planes.device)
+                    prow, pw, lrow, lw = corners(u, vol.res)
+                    products(gather_rows(vol.planes, prow, pw), gather_rows(vol.lines, lrow, lw), vol.n_comp)
+    except Exception as e:  # noqa: BLE001 (any failure of the compiler stack leaves the eager reads in place)
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    _compiled = (corners, products)
+    return None
+
+
+def use_eager_kernels() -> None:
+    """Go back to the eager read arithmetic (undoes `compile_kernels`)."""
+    global _compiled
+    _compiled = None
+
+
 class VMVolume(nn.Module):
     """Three planes and three lines, each with `n_comp` channels, over the unit cube.
 
@@ -157,20 +218,11 @@ class VMVolume(nn.Module):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """u: (N, 3) in [0, 1]^3 -> (N, 3 * n_comp) plane x line products, grouped by plane."""
-        n, r = u.shape[0], self.res
-        po, lo = _offsets(r)
-        prow, pw, lrow, lw = [], [], [], []
-        for k, ((a, b), c) in enumerate(zip(PLANE_AXES, LINE_AXES)):
-            rows, w = _bilinear_rows(u[:, [a, b]], r[a], r[b])
-            prow.append(rows + po[k])
-            pw.append(w)
-            rows, w = _linear_rows(u[:, c], r[c])
-            lrow.append(rows + lo[k])
-            lw.append(w)
-        # Stack as (3, N, corners) so the output rows come out grouped plane by plane.
-        planes = gather_rows(self.planes, torch.stack(prow).view(-1, 4), torch.stack(pw).view(-1, 4))
-        lines = gather_rows(self.lines, torch.stack(lrow).view(-1, 2), torch.stack(lw).view(-1, 2))
-        return (planes * lines).view(3, n, self.n_comp).permute(1, 0, 2).reshape(n, 3 * self.n_comp)
+        corners, products = _compiled if _compiled is not None and not torch.is_grad_enabled() else _EAGER
+        prow, pw, lrow, lw = corners(u, self.res)
+        planes = gather_rows(self.planes, prow, pw)
+        lines = gather_rows(self.lines, lrow, lw)
+        return products(planes, lines, self.n_comp)
 
     def plane_grids(self) -> list[torch.Tensor]:
         """The planes as (C, ra, rb) images and lines as (C, rc) signals, for resampling and regularisers."""

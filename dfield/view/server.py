@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dfield.errors import DfieldError, RunError
+from dfield.fields.vm import VMVolume, compile_kernels
 from dfield.view.camera import ViewCamera
 from dfield.view.frames import MODES, Frame
 from dfield.view.progressive import ProgressiveRenderer
@@ -54,7 +55,7 @@ class Viewer:
     `host` says otherwise."""
 
     def __init__(self, runs, host: str = "127.0.0.1", port: int = 8080, levels: tuple[int, ...] = (64, 256),
-                 device: str = "cpu", verbose: bool = True):
+                 device: str = "cpu", verbose: bool = True, compile: bool = False):
         viser = _viser()
         if not runs:
             raise RunError("dfield view needs at least one run folder")
@@ -67,6 +68,9 @@ class Viewer:
         self.errors: list[str] = []
         self.clients: dict[int, _Client] = {}
         self._prepared: set[ViewerSession] = set()
+        # Compiled read kernels (dfield.fields.vm.compile_kernels): "off", "compiling", "on", or why not.
+        self.kernels = "compiling" if compile else "off"
+        self._compile_started = not compile
         self._lock = threading.Lock()
         self.server = viser.ViserServer(host=host, port=port, label="dfield", verbose=False)
         self.host, self.port = host, self.server.get_port()
@@ -139,11 +143,24 @@ class Viewer:
             state.first_frame_s = time.perf_counter() - state.connected
 
     def _prepare_queries(self) -> None:
-        """Once the first full frame is up, compute in the background what the first click on this run needs."""
+        """Once the first full frame is up, compute in the background what the first click on this run needs (and,
+        once, compile the fields' read kernels)."""
+        if not self._compile_started:
+            self._compile_started = True
+            threading.Thread(target=self._compile, name="dfield-compile", daemon=True).start()
         session = self.session
         if session not in self._prepared:
             self._prepared.add(session)
             threading.Thread(target=session.prepare_queries, name="dfield-prepare", daemon=True).start()
+
+    def _compile(self) -> None:
+        volumes = [m for s in self.sessions for m in s.run.model.modules() if isinstance(m, VMVolume)]
+        failed = compile_kernels(volumes)
+        self.kernels = "on" if failed is None else f"eager ({failed})"
+        try:
+            self._update_panel()
+        except Exception:  # noqa: BLE001 (the server may be stopping)
+            pass
 
     @staticmethod
     def _current(state: _Client) -> Frame | None:
@@ -296,6 +313,8 @@ class Viewer:
         run = s.run
         lines = [f"**{s.name}** · step {run.step} · {run.cfg.model}"
                  + (f" · teacher {run.cfg.features.teacher}" if s.has_features else " · no features")]
+        if self.kernels != "off":
+            lines.append(f"compiled kernels: {self.kernels}")
         for state in list(self.clients.values())[:1]:
             f = self._current(state)
             if f is not None:
