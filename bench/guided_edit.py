@@ -56,10 +56,10 @@ def ensure_scene(path: Path, **variant) -> Path:
     return path
 
 
-def ensure_run(scene: Path, run: Path) -> Path:
+def ensure_run(scene: Path, run: Path, iterations: int = 1500, batch_rays: int = 2048) -> Path:
     if (run / "eval.json").is_file():
         return run
-    cfg = TrainConfig(iterations=1500, batch_rays=2048)
+    cfg = TrainConfig(iterations=iterations, batch_rays=batch_rays)
     cfg.data.path = scene
     cfg.features.teacher = "dinov2"
     api.train(cfg, run, overwrite=True, progress=False)
@@ -96,6 +96,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/g17"))
     ap.add_argument("--run", type=Path, default=None, help="a trained source run of the seed-0 scene (with features)")
     ap.add_argument("--only", nargs="*", default=["recolor", "remove", "add"])
+    ap.add_argument("--source-iterations", type=int, default=1500, help="the source run's steps (when it is trained here)")
+    ap.add_argument("--source-batch", type=int, default=2048, help="the source run's rays per step")
     ap.add_argument("--steps", type=int, default=GuidedConfig().steps)
     ap.add_argument("--kinds", nargs="*", default=None, help="edit kinds for every edit (default: each edit's own)")
     ap.add_argument("--docs", type=Path, default=None)
@@ -105,7 +107,7 @@ def main() -> None:
     w = args.work
     scene = ensure_scene(w / "scene")
     t0 = time.perf_counter()
-    run = ensure_run(scene, args.run or w / "run")
+    run = ensure_run(scene, args.run or w / "run", args.source_iterations, args.source_batch)
     train_s = time.perf_counter() - t0
     results = {"scene": str(scene), "run": str(run), "source_train_seconds": train_s, "edits": {}}
     todo = {

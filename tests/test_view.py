@@ -85,6 +85,25 @@ def test_progressive_renderer_refines_and_drops_stale_frames():
     assert shown == [(views[1], 64), (views[1], 256)]  # nothing of the stale camera reached the screen
 
 
+def test_progressive_renderer_thread_ends_when_idle_and_comes_back():
+    """An idle renderer holds no thread (and so no OpenMP team to slow a training run down); a request starts one."""
+    views = [ViewCamera((float(i), 0, 0), (1, 0, 0, 0), 1.0, 1.0) for i in range(2)]
+    shown = []
+    r = ProgressiveRenderer(lambda view, side, cancelled: (view, side), lambda f, level: shown.append(f), levels=(8,),
+                            idle_exit=0.05)
+    assert r.threads_started == 0
+    r.request(views[0])
+    assert r.wait_idle(5)
+    deadline = time.monotonic() + 5
+    while r._thread is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert r._thread is None and not any(t.name == "dfield-render" for t in threading.enumerate())
+    r.request(views[1])
+    assert r.wait_idle(5) and r.threads_started == 2
+    r.stop()
+    assert shown == [(views[0], 8), (views[1], 8)]
+
+
 def test_progressive_renderer_finishes_the_sharp_frame_after_showing_it():
     shown, finishing = [], threading.Event()
     views = [ViewCamera((float(i), 0, 0), (1, 0, 0, 0), 1.0, 1.0) for i in range(2)]
@@ -261,6 +280,23 @@ def test_live_view_snapshots_only_while_watched(tiny_scene, tiny_train_config, t
         for p in trainer.model.parameters():
             p.add_(1.0)
     assert torch.equal(session.render(session.home(1.0), 16).rgb, a)
+
+
+def test_live_view_renders_seldom_enough_to_keep_training_fast():
+    """Snapshots come every `every` seconds, or less often when frames are slow: rendering takes at most `share`
+    of the wall time (it shares the trainer's cores)."""
+    from types import SimpleNamespace
+
+    from dfield.view.live import LiveView
+
+    tab = SimpleNamespace(renderer=SimpleNamespace(last_seconds={}))
+    viewer = SimpleNamespace(clients={1: tab})
+    hook = LiveView(viewer, every=5.0, share=0.1)
+    assert hook.interval() == 5.0  # nothing rendered yet
+    tab.renderer.last_seconds.update({0: 0.2, 1: 1.5, "finish": 0.3})
+    assert hook.interval() == pytest.approx(20.0)
+    viewer.clients[2] = SimpleNamespace(renderer=SimpleNamespace(last_seconds={0: 0.1, 1: 0.9}))
+    assert hook.interval() == pytest.approx(30.0)  # two tabs render twice
 
 
 def test_click_while_the_sharp_frame_renders_waits_for_it(run):
