@@ -57,6 +57,24 @@ def test_cache_hit_returns_identical_maps_without_rendering(fresh_run):
     assert list((fresh_run / "cache" / "render").iterdir()) == [ctx.cache.folder]
 
 
+def test_a_click_stands_for_the_surface_around_it(fresh_run):
+    """A click's positive is the mean decoded feature of its click region (same depth, within the radius); radius 0
+    is the one pixel."""
+    from dfield.query.builder import field_click_embedding
+    from dfield.query.sets import click_region
+
+    ctx = context(open_run(fresh_run))
+    (view, x, y), _ = _centre_click(ctx)
+    r = ctx.train_view(view)
+    decoded = ctx.decode(r.feature.float())
+    torch.testing.assert_close(field_click_embedding(ctx, view, (x, y)), decoded[y, x])
+    mask = click_region(r.acc, r.depth / r.acc.clamp(min=1e-6), x, y, 0.1)
+    assert mask[y, x] and 1 < mask.sum() <= 5 * 5  # 0.1 of 20 px: a 5x5 square at most
+    torch.testing.assert_close(field_click_embedding(ctx, view, (x, y), 0.1), decoded[mask].mean(0))
+    q = make_query(ctx, QuerySpec(click=(view, x, y), click_radius=0.1))
+    torch.testing.assert_close(q.positives[0], decoded[mask].mean(0))
+
+
 def test_new_weights_invalidate_the_disk_cache(fresh_run):
     ctx = QueryContext(open_run(fresh_run))
     ctx.render(ctx.train_cameras, 0)

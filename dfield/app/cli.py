@@ -151,7 +151,7 @@ def query(run: tyro.conf.Positional[Path], text: tuple[str, ...] = (), patch: tu
           click: tuple[int, int, int] | None = None, cluster: int | None = None, clusters: int = 24, negatives: tuple[str, ...] | None = None, threshold: float = 0.5,
           temperature: float = 0.1, path: Literal["test", "train", "orbit"] = "test", out: Path | None = None,
           ply: bool = True, eval_objects: bool = False, frames: int = 48,
-          patch_source: Literal["field", "teacher"] = "field") -> None:
+          patch_source: Literal["field", "teacher"] = "field", click_radius: float = 0.06) -> None:
     """Select what matches a text, a box or a click in every view; heatmaps, overlays, masks and a PLY of the region.
 
     Example: dfield query runs/toy --patch 3 40 40 60 60   (a box on training view 3; --click 3 50 50 for a pixel)
@@ -159,7 +159,7 @@ def query(run: tyro.conf.Positional[Path], text: tuple[str, ...] = (), patch: tu
     Args:
         text: Positive texts (needs a text-aligned teacher such as clip).
         patch: VIEW X0 Y0 X1 Y1: a box in pixels of training view VIEW.
-        click: VIEW X Y: one pixel of training view VIEW.
+        click: VIEW X Y: a pixel of training view VIEW (it stands for the same surface around it: --click-radius).
         cluster: K: select the K-th cluster of the scene's features (writes clusters_VVV.png maps and clusters.json
             with each cluster's colour, to find the K you want; the viewer picks clusters by clicking).
         clusters: How many clusters the scene's features are split into (automatic negatives and --cluster).
@@ -173,10 +173,12 @@ def query(run: tyro.conf.Positional[Path], text: tuple[str, ...] = (), patch: tu
         eval_objects: On generated scenes, also score a box and a click per object against ground truth (IoU).
         frames: Number of frames for --path orbit.
         patch_source: Where the box's embedding comes from: the field's rendering or the teacher's own map.
+        click_radius: A click's embedding is the mean over opaque pixels within this fraction of the image size at
+            the clicked depth (within 5 %); 0 takes the one pixel.
     """
     neg = "auto" if negatives == ("auto",) else (list(negatives) if negatives is not None else None)
     spec = QuerySpec(text=list(text), patch=patch, click=click, cluster=cluster, clusters=clusters, negatives=neg, threshold=threshold,
-                     temperature=temperature, patch_source=patch_source)
+                     temperature=temperature, patch_source=patch_source, click_radius=click_radius)
     api.query(run, spec, path=path, out=out, ply=ply, eval_objects=eval_objects, frames=frames)
 
 

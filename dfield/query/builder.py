@@ -21,7 +21,7 @@ import torch
 from dfield.errors import QueryError, TeacherError
 from dfield.query.clusters import MAX_CLUSTER_SAMPLES, auto_view_ids, contrast_query, subsample
 from dfield.query.context import QueryContext, context
-from dfield.query.sets import QuerySet, click_embedding, patch_embedding
+from dfield.query.sets import QuerySet, click_embedding, click_region, patch_embedding
 from dfield.query.spec import OPAQUE, TEXT_NEGATIVES, QuerySpec, query_views, validate
 
 
@@ -47,14 +47,18 @@ def field_patch_embedding(ctx: QueryContext, view: int, box) -> torch.Tensor:
     return mean[:-1] / mean[-1]
 
 
-def field_click_embedding(ctx: QueryContext, view: int, xy) -> torch.Tensor:
-    """(D,) decoded feature the field renders under a click (x, y) in pixels of training view `view`; QueryError
-    when that pixel is empty space (opacity at most OPAQUE)."""
+def field_click_embedding(ctx: QueryContext, view: int, xy, radius: float = 0.0) -> torch.Tensor:
+    """(D,) decoded feature the field renders under a click (x, y) in pixels of training view `view`: the mean over
+    the click's `click_region` (`radius`: fraction of the image's longer side; 0: the one pixel); QueryError when the
+    pixel is empty space (opacity at most OPAQUE)."""
     r = ctx.train_view(view)
     size = (ctx.train_cameras.width, ctx.train_cameras.height)
     if click_embedding(r.acc[..., None], xy, size).item() <= OPAQUE:
         raise QueryError(f"click {tuple(xy)} on view {view} hits empty space (nothing is rendered there)")
-    return ctx.decode(click_embedding(r.feature, xy, size))
+    h, w = r.acc.shape
+    x, y = int(xy[0] * w / size[0]), int(xy[1] * h / size[1])
+    mask = click_region(r.acc, r.depth / r.acc.clamp(min=1e-6), x, y, radius)
+    return ctx.decode(r.feature[mask].float()).mean(0)
 
 
 def field_feature_sample(ctx: QueryContext, views: list[int], limit: int = MAX_CLUSTER_SAMPLES) -> torch.Tensor:
@@ -85,7 +89,7 @@ def make_query(run, spec: QuerySpec) -> QuerySet:
             positives.append(field_patch_embedding(ctx, v, box)[None])
     if spec.click is not None:
         v, x, y = spec.click
-        positives.append(field_click_embedding(ctx, v, (x, y))[None])
+        positives.append(field_click_embedding(ctx, v, (x, y), spec.click_radius)[None])
     views = auto_view_ids(len(cams), spec.auto_views, query_views(spec))
     scene = lambda: ctx.clusters(("field", *views), spec.clusters, lambda: field_feature_sample(ctx, views))  # noqa: E731
     if spec.cluster is not None:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from dfield.errors import QueryError
 from dfield.io.atomic import atomic_write_text
+from dfield.query.spec import OPAQUE
 
 
 @dataclass
@@ -84,6 +85,33 @@ def click_embedding(feature_map: torch.Tensor, xy: tuple[float, float], image_si
         raise QueryError(f"click ({x}, {y}) is outside the {width}x{height} image")
     h, w = feature_map.shape[:2]
     return feature_map[int(y * h / height), int(x * w / width)].float()
+
+
+def click_region(acc: torch.Tensor, depth: torch.Tensor, x: int, y: int, radius: float,
+                 tolerance: float = 0.05) -> torch.Tensor:
+    """(H, W) mask of the pixels a click on pixel (x, y) stands for: opaque (`acc` > OPAQUE), within `radius` x the
+    longer image side of it (a square), and at a depth (`depth`: opacity-normalised, (H, W)) within `tolerance` of the
+    clicked pixel's, so a click near an edge does not take in what lies behind. Always holds (x, y) when it is opaque.
+
+    Example:
+        >>> acc = torch.ones(5, 5); depth = torch.ones(5, 5); depth[:, 3:] = 2.0   # a step in depth at column 3
+        >>> click_region(acc, depth, 1, 2, radius=0.4).int()
+        tensor([[1, 1, 1, 0, 0],
+                [1, 1, 1, 0, 0],
+                [1, 1, 1, 0, 0],
+                [1, 1, 1, 0, 0],
+                [1, 1, 1, 0, 0]], dtype=torch.int32)
+    """
+    h, w = acc.shape
+    r = int(round(radius * max(h, w)))
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    if acc[y, x] <= OPAQUE:
+        return mask
+    ys, xs = slice(max(0, y - r), y + r + 1), slice(max(0, x - r), x + r + 1)
+    d0 = depth[y, x]
+    mask[ys, xs] = (acc[ys, xs] > OPAQUE) & ((depth[ys, xs] - d0).abs() <= tolerance * d0.abs())
+    mask[y, x] = True
+    return mask
 
 
 def query_set_dict(q: QuerySet) -> dict:

@@ -36,8 +36,8 @@ from dfield.query.clusters import auto_view_ids, far_clusters, nearest_cluster, 
 from dfield.query.context import QueryContext
 from dfield.query.outputs import selection_points
 from dfield.query.relevance import view_relevance
-from dfield.query.sets import QuerySet, save_query_set
-from dfield.query.spec import OPAQUE, TEXT_NEGATIVES
+from dfield.query.sets import QuerySet, click_region, save_query_set
+from dfield.query.spec import OPAQUE, TEXT_NEGATIVES, QuerySpec
 from dfield.view.camera import ViewCamera, look_at_point, scene_up, view_of
 from dfield.view.frames import Frame, add_features, compose, render_frame
 
@@ -58,7 +58,7 @@ class Prompt:
 @dataclass
 class QueryState:
     """The query being built: prompts (positives and negatives), automatic negatives on or off, and the scoring
-    settings of `dfield query` (threshold, temperature, claim, clusters)."""
+    settings of `dfield query` (threshold, temperature, claim, clusters, click radius)."""
 
     prompts: list[Prompt] = field(default_factory=list)
     auto_negatives: bool = True
@@ -66,6 +66,7 @@ class QueryState:
     temperature: float = 0.1
     claim: float = 0.8
     clusters: int = 24
+    click_radius: float = QuerySpec.click_radius
 
     @property
     def positives(self) -> list[Prompt]:
@@ -219,7 +220,8 @@ class ViewerSession:
         point = frame.point((x, y))
         if point is None:
             raise QueryError(f"the click at pixel ({x}, {y}) hits empty space")
-        return self._add(Prompt(self.decoded(frame)[y, x].clone(), negative, f"click ({x}, {y})", point.tolist()))
+        mask = click_region(frame.acc, frame.depth, x, y, self.query.click_radius)
+        return self._add(Prompt(self.decoded(frame)[mask].mean(0), negative, f"click ({x}, {y})", point.tolist()))
 
     def box(self, frame: Frame, screen_min, screen_max, negative: bool = False) -> Prompt:
         """The mean feature of the opaque pixels inside a dragged box becomes a prompt."""
