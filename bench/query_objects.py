@@ -45,6 +45,15 @@ def train_run(scene: Path, run: Path, teacher: str, iterations: int, batch_rays:
     api.train(cfg, run, evaluate=False, progress=False)
 
 
+def record(out: Path, key: str, value) -> None:
+    """Store `value` under `key` in the JSON results file `out`, keeping the other keys (runs and settings add up)."""
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    results[key] = value
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
+
+
 def sweep(ctx, box: str) -> list[dict]:
     """Mean IoU of the field's queries for every combination of SWEEP (the renders are cached after the first)."""
     rows = []
@@ -72,7 +81,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="search the settings grid on this run instead")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "query_objects.json")
-    for name in ("temperature", "threshold", "claim"):
+    for name in ("temperature", "threshold", "claim", "click_radius"):
         ap.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(QuerySpec, name))
     for name in ("clusters", "auto_views"):
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(QuerySpec, name))
@@ -85,22 +94,19 @@ def main() -> None:
         train_run(args.scene, args.run, args.teacher, args.iterations, args.batch_rays)
     ctx = context(args.run)
     label = args.label or str(args.run)
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     t0 = time.perf_counter()
     if args.sweep:
-        results[f"{label}/sweep/{args.box}"] = sweep(ctx, args.box)
+        record(args.out, f"{label}/sweep/{args.box}", sweep(ctx, args.box))
     else:
-        settings = {k: getattr(args, k) for k in ("temperature", "threshold", "claim", "clusters", "auto_views")}
+        settings = {k: getattr(args, k) for k in ("temperature", "threshold", "claim", "clusters", "auto_views",
+                                                   "click_radius")}
         res = query_iou_per_object(ctx, box=args.box, **settings)
         res.update(run=str(args.run), teacher=ctx.run.cfg.features.teacher, step=ctx.run.step,
                    renders=ctx.cache.renders)
         print(f"\n{label}: {res['views']} held-out views, teacher {res['teacher']}, box {args.box}, "
               f"{ctx.cache.renders} views rendered ({time.perf_counter() - t0:.0f} s)")
         print(format_object_table(res))
-        results[f"{label}/{args.box}"] = res
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
-    print(f"wrote {args.out}")
+        record(args.out, f"{label}/{args.box}", res)
 
 
 if __name__ == "__main__":

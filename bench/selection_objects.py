@@ -16,7 +16,6 @@ Printed as a table and merged into bench/results/selection_objects.json under --
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from query_objects import record  # bench/ is on the path when a bench script runs
 
 from dfield.core.image_rendering import ndc_of
 from dfield.core.metrics import boundary_f, iou
@@ -227,11 +228,7 @@ def main() -> None:
     print(f"\n{label}: {res['views']} held-out views (locality on every {args.every}), teacher {res['teacher']}, "
           f"box {args.box}, {res['seconds']:.0f} s (1 thread; seconds are noisy on a shared machine)")
     print(format_table(res))
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    results[f"{label}/{args.box}"] = res
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
-    print(f"wrote {args.out}")
+    record(args.out, f"{label}/{args.box}", res)
 
 
 if __name__ == "__main__":
