@@ -62,10 +62,10 @@ class QueryState:
 
     prompts: list[Prompt] = field(default_factory=list)
     auto_negatives: bool = True
-    threshold: float = 0.5
-    temperature: float = 0.1
-    claim: float = 0.8
-    clusters: int = 24
+    threshold: float = QuerySpec.threshold
+    temperature: float = QuerySpec.temperature
+    claim: float = QuerySpec.claim
+    clusters: int = QuerySpec.clusters
     click_radius: float = QuerySpec.click_radius
 
     @property
