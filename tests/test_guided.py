@@ -142,6 +142,55 @@ def test_edit_field_priors_and_starts():
     assert torch.isfinite(edit.grid.grad).all()
 
 
+def test_gain_colour_model_is_one_albedo_change_for_every_shade():
+    from dfield.edit.guided import GuidedConfig, color_model
+    from dfield.fields.blended import EditFieldConfig
+
+    edit = EditField(BOX, (6, 6, 6), EditFieldConfig(color_model="gain"))
+    shades = torch.tensor([[0.9, 0.45, 0.1], [0.3, 0.15, 0.03], [0.05, 0.02, 0.0]])  # lit, dark, shadowed orange
+    z = edit.latent(torch.zeros(3, 3))
+    assert torch.equal(edit.color(z, shades), shades)  # gain 1: the source colour exactly
+    with torch.no_grad():
+        edit.gain.copy_(torch.tensor([0.2 / 0.9, 0.75 / 0.45, 3.0]).log())
+        edit.color_mlp[-1].bias.fill_(5.0)  # ignored by the gain model
+    c = edit.color(z, shades)
+    assert torch.allclose(c[0], torch.tensor([0.2, 0.75, 0.3]), atol=1e-6)
+    assert torch.allclose(c[1:], shades[1:] * c[0] / shades[0], atol=1e-6)  # every shade changes by the same gain
+    assert edit.color(z, torch.ones(1, 3)).max() <= 1  # clamped
+    c.sum().backward()
+    assert edit.gain.grad.abs().min() > 0
+    assert color_model(("color",), GuidedConfig()) == "gain" and color_model(("add",), GuidedConfig()) == "free"
+    assert color_model(("color",), GuidedConfig(color_model="free")) == "free"
+    with pytest.raises(EditError, match="gain or free"):
+        color_model(("color",), GuidedConfig(color_model="hsv"))
+
+
+def test_an_edit_saved_before_the_gain_loads_and_resumes():
+    from dfield.edit.guided import GuidedConfig, param_groups, saved_groups
+    from dfield.io.checkpoint import optimizer_tensors, restore_optimizer
+
+    old = EditField(BOX, (4, 4, 4))
+    with torch.no_grad():
+        old.color_mlp[-1].bias.fill_(0.5)
+    state = {k: v for k, v in old.state_dict().items() if k != "gain"}
+    new = EditField(BOX, (4, 4, 4))  # the default model ("free") is what those runs trained
+    new.load_state_dict(state)
+    z, c = new.latent(torch.zeros(2, 3)), torch.full((2, 3), 0.4)
+    assert torch.equal(new.gain, torch.zeros(3)) and torch.equal(new.color(z, c), old.color(z, c))
+    assert new.cfg.color_model == "free"
+    # Its optimiser had no gain group: resuming adds one with fresh moments, the others keep theirs.
+    cfg = GuidedConfig()
+    before = torch.optim.Adam(param_groups(old, None, cfg)[:-1])
+    old.color(z, c).sum().backward()
+    before.step()
+    tensors, groups = optimizer_tensors(before)
+    opt = torch.optim.Adam(param_groups(new, None, cfg))
+    restore_optimizer(opt, tensors, saved_groups(opt, groups), device="cpu")
+    assert [g["name"] for g in opt.param_groups] == ["edit_grid", "edit_network", "edit_gain"]
+    assert torch.equal(opt.state[new.color_mlp[-1].bias]["exp_avg"], before.state[old.color_mlp[-1].bias]["exp_avg"])
+    assert new.gain not in opt.state
+
+
 def test_attention_distillation_fits_relevance_and_keeps_the_unseen_inside():
     settings = RenderSettings(0.0, 8.0, 0.02, torch.ones(3))
     from dfield.data.dataset import Cameras

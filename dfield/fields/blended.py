@@ -12,10 +12,11 @@ The three edit kinds of the paper switch these terms on: density addition ("add"
 ("remove": r_sigma) and colour change ("color": r_c). An optional deformation field moves where the source is
 read inside the attention (x -> x + A(x) delta(x)) for shape changes.
 
-The edit field is a dense grid over the attention's box (EditField says why not a factorised one). Its colour is a
-residual on the source colour, c_E = sigmoid(logit(c_S) + MLP(z(x), c_S)) with a spatial latent z(x): the MLP
-learns one mapping of colours (what "make it green" means for every shade of the object), which carries an
-edit seen in a few views to the parts of the region no view supervised; z lets it vary in space.
+The edit field is a dense grid over the attention's box (EditField says why not a factorised one). Its colour
+follows the source colour through one per-channel gain, c_E = c_S * exp(g): a change of albedo under the scene's
+own lighting, so a recolour seen in two views holds for every shade (lit, shadowed, the checker's dark squares)
+and every side no view showed. Added matter has no source colour to follow; there (`color_model="free"`) the edit
+colour is a residual MLP of a spatial latent z(x) and c_S in logit space: c_E = sigmoid(logit(c_S) + MLP(z(x), c_S)).
 """
 
 from __future__ import annotations
@@ -88,6 +89,11 @@ class EditFieldConfig:
     """Logit of the density removal ratio at the start (-5: 0.7 % removed)."""
     color_init: float = 4.0
     """Logit of the colour blending ratio at the start (4: the edit colour, which starts equal to the source's)."""
+    color_model: str = "free"
+    """How the edit colour follows the source's: `gain` (c_S times one learned per-channel gain: a recolour, which
+    carries from painted views to every shade and side; what dfield guide-edit uses unless matter is added) or
+    `free` (an MLP of the latent and c_S: any colour, for added matter; also what edit runs written before the
+    gain existed used, so it is the default when a saved config does not say)."""
 
 
 class EditField(nn.Module):
@@ -121,6 +127,15 @@ class EditField(nn.Module):
                                        nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, 3))
         nn.init.zeros_(self.color_mlp[-1].weight)
         nn.init.zeros_(self.color_mlp[-1].bias)
+        if cfg.color_model not in ("gain", "free"):
+            raise ValueError(f"color_model is 'gain' or 'free', got {cfg.color_model!r}")
+        self.gain = nn.Parameter(torch.zeros(3))  # log of the per-channel gain: starts as the source colour
+        self._register_load_state_dict_pre_hook(self._default_gain)
+
+    @staticmethod
+    def _default_gain(state_dict, prefix, *args):
+        # Edit runs saved before the gain existed have none (and use the free model, which does not read it).
+        state_dict.setdefault(prefix + "gain", torch.zeros(3))
 
     @property
     def res(self) -> tuple[int, int, int]:
@@ -149,8 +164,10 @@ class EditField(nn.Module):
         return self.sample(x, slice(3, None))
 
     def color(self, z: torch.Tensor, c_src: torch.Tensor) -> torch.Tensor:
-        """Latents (N, latent_dim) and source colours (N, 3) -> edit colours (N, 3):
-        sigmoid(logit(c_S) + MLP(z, c_S))."""
+        """Latents (N, latent_dim) and source colours (N, 3) -> edit colours (N, 3): c_S * exp(g) clamped to [0, 1]
+        (`gain`), or sigmoid(logit(c_S) + MLP(z, c_S)) (`free`)."""
+        if self.cfg.color_model == "gain":
+            return (c_src * torch.exp(self.gain).to(c_src)).clamp(0, 1)
         base = torch.logit(c_src.clamp(1e-4, 1 - 1e-4))
         return torch.sigmoid(base + self.color_mlp(torch.cat([z, c_src], -1)))
 
