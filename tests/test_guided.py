@@ -94,6 +94,20 @@ def test_outside_the_attention_the_source_passes_through_bit_for_bit():
     assert f.touched(x)[inside].all() and not f.touched(x)[out].any()
 
 
+def test_removal_acts_fully_from_removal_full_and_in_proportion_below():
+    edit = EditField(BOX, (8, 8, 8))
+    with torch.no_grad():
+        edit.grid[1].fill_(20.0)  # remove everything the attention lets through
+    x = torch.rand(200, 3) * 0.6 - 0.3  # inside the ball: density 80
+    for a, full, left in ((0.6, 0.5, 0.0), (0.6, 1.0, 0.4), (0.3, 0.5, 0.4), (1.0, 1.0, 0.0)):
+        f = BlendedField(Ball(), edit, attention_on(BOX, value=a), ["remove"], removal_full=full)
+        expect = 80.0 * (1 - min(1.0, f.attention(x[:1]).item() / full))
+        assert torch.allclose(f.density(x), torch.full((200,), expect), atol=1e-3), (a, full)
+        assert (expect < 1e-3) == (left == 0.0)
+    with pytest.raises(ValueError, match="removal_full"):
+        BlendedField(Ball(), edit, attention_on(BOX), ["remove"], removal_full=0.0)
+
+
 def test_density_addition_renders_where_the_source_is_empty():
     box = torch.tensor([[0.6, -0.2, -0.2], [1.0, 0.2, 0.2]])  # empty space beside the ball
     edit = EditField(box, (8, 8, 8))
