@@ -178,6 +178,9 @@ def main(argv=None) -> None:
     ap.add_argument("--no-selections", dest="selections", action="store_false",
                     help="skip the 3D selections (bench/selection_objects.py; about a minute per variant)")
     ap.add_argument("--keep", action="store_true", help="keep each variant's run folder (default: only the base)")
+    ap.add_argument("--rescore", action="store_true",
+                    help="score the variants' kept run folders again (after a change to the queries) without "
+                         "distilling; their seconds and memory stay the old row's")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "bench/results/smoothness.json")
     args = ap.parse_args(argv)
@@ -198,6 +201,17 @@ def main(argv=None) -> None:
     entry = old.setdefault(f"{label}:{args.teacher}", {"scene": str(scene), "rows": {}})
     for name in args.variants:
         run = work / name
+        if args.rescore:
+            if not (run / "distill.json").is_file():
+                print(f"== {name}: no kept run at {run} (distil it with --keep first); skipped", flush=True)
+                continue
+            row = {k: v for k, v in entry["rows"].get(name, {}).items()
+                   if k in ("settings", "seconds", "smooth_seconds", "peak_rss_gib", "distill_iterations")}
+            row.update(score(run, args.selections), rescored=time.strftime("%Y-%m-%d"))
+            entry["rows"][name] = row
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(old, indent=1))
+            continue
         shutil.rmtree(run, ignore_errors=True)
         shutil.copytree(base, run)
         t0 = time.perf_counter()

@@ -15,7 +15,14 @@ from dfield.data.load import load_dataset
 from dfield.errors import DfieldError, RunError, TeacherError
 from dfield.features.segmenters import SegmentInputs, cached_segments, make_segmenter, masks_to_labels
 from dfield.features.segmenters.litemedsam import LiteMedSAMSegmenter, mask_nms, prompt_boxes
-from dfield.features.smoothing import SmoothSpec, blur_within_labels, joint_bilateral, smoothed_maps
+from dfield.features.smoothing import (
+    SmoothSpec,
+    blur_within_labels,
+    joint_bilateral,
+    joint_bilateral_upsampled,
+    smoothed_maps,
+    upsample_features,
+)
 from dfield.features.teachers.cache import FeatureMaps
 from dfield.models.losses import patch_tv_loss
 from dfield.training.trainer import Trainer
@@ -116,6 +123,17 @@ def test_joint_bilateral_matches_brute_force_and_respects_edges():
     half[:, 4:] = 1.0
     guide = half.expand(6, 8, 3)
     assert torch.allclose(joint_bilateral(half, guide, 2.0, 0.05), half, atol=1e-6)
+
+
+@pytest.mark.parametrize("cells,image,sigma", [((4, 5), (23, 17), 3.0), ((6, 6), (6, 6), 1.0), ((9, 12), (5, 7), 2.0),
+                                              ((3, 3), (40, 40), 0.5)])
+def test_bilateral_of_teacher_cells_equals_bilateral_of_the_upsampled_maps(cells, image, sigma):
+    g = torch.Generator().manual_seed(2)
+    f = torch.randn(*cells, 5, generator=g)
+    rgb = torch.rand(*image, 3, generator=g)
+    rgb[:, image[1] // 2:] += 1.0  # an edge the filter must not cross
+    ref = joint_bilateral(upsample_features(f, *image), rgb, sigma, 0.2)
+    assert torch.allclose(joint_bilateral_upsampled(f, rgb, sigma, 0.2), ref, atol=1e-5)
 
 
 def test_smooth_specs_parse_and_reject():

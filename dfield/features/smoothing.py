@@ -175,6 +175,79 @@ def joint_bilateral(features: torch.Tensor, guide: torch.Tensor, sigma_space: fl
     return num / den
 
 
+def _interp_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) weights of the 1D linear interpolation upsample_features uses (F.interpolate's own)."""
+    eye = torch.eye(n_in)[None]  # (1, n_in, n_in): each column one input sample
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T.contiguous()
+
+
+def _window_rows(u: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """For interpolation weights u (N_out, n_in): per output index p, the first input index A(p) any output within
+    r of p reads, the local weights R (2r+1, N_out, K) of output p + d on inputs A(p) .. A(p) + K - 1, and K."""
+    n_out, n_in = u.shape
+    nz = u > 0
+    first = torch.where(nz.any(1), nz.float().argmax(1), torch.zeros(n_out, dtype=torch.long))
+    last = n_in - 1 - torch.where(nz.any(1), nz.flip(1).float().argmax(1), torch.zeros(n_out, dtype=torch.long))
+    p = torch.arange(n_out)
+    lo = torch.stack([first[(p + d).clamp(0, n_out - 1)] for d in range(-r, r + 1)]).amin(0)
+    hi = torch.stack([last[(p + d).clamp(0, n_out - 1)] for d in range(-r, r + 1)]).amax(0)
+    k = int((hi - lo).max()) + 1
+    padded = torch.cat([u, u.new_zeros(n_out, k)], 1)  # windows that run past the last input read zeros
+    cols = lo[:, None] + torch.arange(k)  # (N_out, K)
+    rows = []
+    for d in range(-r, r + 1):
+        q = p + d
+        valid = ((q >= 0) & (q < n_out)).float()[:, None]
+        rows.append(padded[q.clamp(0, n_out - 1)[:, None], cols] * valid)
+    return lo, torch.stack(rows), k
+
+
+def joint_bilateral_upsampled(fmap: torch.Tensor, guide: torch.Tensor, sigma_space: float = 3.0,
+                              sigma_color: float = 0.1) -> torch.Tensor:
+    """joint_bilateral(upsample_features(fmap, H, W), guide) without the upsampled maps: (h, w, D) teacher cells
+    and an (H, W, C) guide -> (H, W, D).
+
+    Both steps are linear in the features, so each output pixel is a weighted sum of the few teacher cells its
+    window reads (K x K, K = ceil((4 sigma_space + 1) / (H / h)) + 1 or so): the weights are built from the guide
+    alone, then the D-wide work is K^2 passes instead of (4 sigma_space + 1)^2. Same values up to rounding.
+
+    Example:
+        >>> f, rgb = torch.rand(4, 4, 8), torch.rand(16, 16, 3)
+        >>> ref = joint_bilateral(upsample_features(f, 16, 16), rgb)
+        >>> torch.allclose(joint_bilateral_upsampled(f, rgb), ref, atol=1e-5)
+        True
+    """
+    fmap = torch.as_tensor(fmap).float()
+    guide = torch.as_tensor(guide).float()
+    (h, w, d), (hh, ww) = fmap.shape, guide.shape[:2]
+    r = max(1, math.ceil(2 * sigma_space))
+    ay, ry, ky = _window_rows(_interp_matrix(h, hh), r)  # ry (2r+1, H, Ky)
+    ax, rx, kx = _window_rows(_interp_matrix(w, ww), r)  # rx (2r+1, W, Kx)
+    coef = torch.zeros(hh, ww, ky, kx)
+    den = torch.zeros(hh, ww)
+    for dy in range(-r, r + 1):
+        part = torch.zeros(hh, ww, kx)
+        for dx in range(-r, r + 1):
+            ty0, ty1, tx0, tx1 = max(0, -dy), min(hh, hh - dy), max(0, -dx), min(ww, ww - dx)
+            if ty1 <= ty0 or tx1 <= tx0:
+                continue
+            src = (slice(ty0 + dy, ty1 + dy), slice(tx0 + dx, tx1 + dx))
+            dst = (slice(ty0, ty1), slice(tx0, tx1))
+            diff = (guide[src] - guide[dst]).square().sum(-1)
+            wgt = torch.exp(-(dx * dx + dy * dy) / (2 * sigma_space**2) - diff / (2 * sigma_color**2))
+            den[dst] += wgt
+            part[dst] += wgt[..., None] * rx[dx + r][None, tx0:tx1]
+        coef += ry[dy + r][:, None, :, None] * part[:, :, None, :]
+    cells = torch.cat([fmap, fmap.new_zeros(ky, w, d)], 0)
+    cells = torch.cat([cells, cells.new_zeros(h + ky, kx, d)], 1)
+    out = torch.zeros(hh, ww, d)
+    for i in range(ky):
+        rows = cells[ay + i]  # (H, w + Kx, D)
+        for j in range(kx):
+            out += coef[:, :, i, j, None] * rows[:, ax + j]
+    return out / den[..., None]
+
+
 def smoothed_maps(raw: FeatureMaps, images, spec: SmoothSpec, cache_dir: Path, labels=None, sigma: float = 4.0,
                   mode: str = "blur", key_extra: str = "", progress: Progress | None = None) -> FeatureMaps:
     """Smoothed image-resolution targets (N, H, W, D) fp16 of teacher `raw` maps, computed once into `cache_dir`.
@@ -210,11 +283,12 @@ def smoothed_maps(raw: FeatureMaps, images, spec: SmoothSpec, cache_dir: Path, l
     with atomic_path(npy) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, h, w, raw.dim))
         for i in range(n):
-            f = upsample_features(raw.view(i), h, w)
             if spec.kind == "segments":
-                f = blur_within_labels(f, torch.from_numpy(np.array(labels[i])), sigma, mode)
+                f = blur_within_labels(upsample_features(raw.view(i), h, w), torch.from_numpy(np.array(labels[i])),
+                                       sigma, mode)
             else:
-                f = joint_bilateral(f, torch.from_numpy(images[i]).float() / 255.0, spec.sigma_space, spec.sigma_color)
+                f = joint_bilateral_upsampled(raw.view(i), torch.from_numpy(images[i]).float() / 255.0,
+                                              spec.sigma_space, spec.sigma_color)
             out[i] = f.numpy().astype(np.float16)
             if progress is not None:
                 progress("smooth", i + 1, n, None)
