@@ -156,23 +156,30 @@ def joint_bilateral(features: torch.Tensor, guide: torch.Tensor, sigma_space: fl
         [0.0, 1.0]
     """
     h, w, _ = features.shape
-    r = max(1, math.ceil(2 * sigma_space))
-    guide = torch.as_tensor(guide).float()
     num = torch.zeros_like(features, dtype=torch.float32)
     den = torch.zeros(h, w, 1)
+    for _, _, src, dst, wgt in _bilateral_weights(guide, sigma_space, sigma_color):
+        num[dst] += wgt[..., None] * features[src]
+        den[dst] += wgt[..., None]
+    return num / den
+
+
+def _bilateral_weights(guide: torch.Tensor, sigma_space: float, sigma_color: float):
+    """For each offset (dy, dx) within 2 sigma_space: (dy, dx, src, dst, weights), where dst are the pixels whose
+    neighbour at that offset lies inside the image, src those neighbours, and weights (dst's shape) the bilateral
+    weights of the pairs."""
+    guide = torch.as_tensor(guide).float()
+    h, w = guide.shape[:2]
+    r = max(1, math.ceil(2 * sigma_space))
     for dy in range(-r, r + 1):
         for dx in range(-r, r + 1):
-            # target pixels p whose neighbour p + (dy, dx) lies inside the image
             ty0, ty1, tx0, tx1 = max(0, -dy), min(h, h - dy), max(0, -dx), min(w, w - dx)
             if ty1 <= ty0 or tx1 <= tx0:
                 continue
             src = (slice(ty0 + dy, ty1 + dy), slice(tx0 + dx, tx1 + dx))
             dst = (slice(ty0, ty1), slice(tx0, tx1))
-            diff = (guide[src] - guide[dst]).square().sum(-1, keepdim=True)
-            wgt = torch.exp(-(dx * dx + dy * dy) / (2 * sigma_space**2) - diff / (2 * sigma_color**2))
-            num[dst] += wgt * features[src]
-            den[dst] += wgt
-    return num / den
+            diff = (guide[src] - guide[dst]).square().sum(-1)
+            yield dy, dx, src, dst, torch.exp(-(dx * dx + dy * dy) / (2 * sigma_space**2) - diff / (2 * sigma_color**2))
 
 
 def _interp_matrix(n_in: int, n_out: int) -> torch.Tensor:
@@ -225,19 +232,16 @@ def joint_bilateral_upsampled(fmap: torch.Tensor, guide: torch.Tensor, sigma_spa
     ax, rx, kx = _window_rows(_interp_matrix(w, ww), r)  # rx (2r+1, W, Kx)
     coef = torch.zeros(hh, ww, ky, kx)
     den = torch.zeros(hh, ww)
-    for dy in range(-r, r + 1):
-        part = torch.zeros(hh, ww, kx)
-        for dx in range(-r, r + 1):
-            ty0, ty1, tx0, tx1 = max(0, -dy), min(hh, hh - dy), max(0, -dx), min(ww, ww - dx)
-            if ty1 <= ty0 or tx1 <= tx0:
-                continue
-            src = (slice(ty0 + dy, ty1 + dy), slice(tx0 + dx, tx1 + dx))
-            dst = (slice(ty0, ty1), slice(tx0, tx1))
-            diff = (guide[src] - guide[dst]).square().sum(-1)
-            wgt = torch.exp(-(dx * dx + dy * dy) / (2 * sigma_space**2) - diff / (2 * sigma_color**2))
-            den[dst] += wgt
-            part[dst] += wgt[..., None] * rx[dx + r][None, tx0:tx1]
-        coef += ry[dy + r][:, None, :, None] * part[:, :, None, :]
+    # Offsets come row by row (dy outer): sum each row's dx terms, then spread them over the cell rows.
+    part, row = torch.zeros(hh, ww, kx), None
+    for dy, dx, _, dst, wgt in _bilateral_weights(guide, sigma_space, sigma_color):
+        if row is not None and dy != row:
+            coef += ry[row + r][:, None, :, None] * part[:, :, None, :]
+            part.zero_()
+        row = dy
+        den[dst] += wgt
+        part[dst] += wgt[..., None] * rx[dx + r][None, dst[1]]
+    coef += ry[row + r][:, None, :, None] * part[:, :, None, :]
     cells = torch.cat([fmap, fmap.new_zeros(ky, w, d)], 0)
     cells = torch.cat([cells, cells.new_zeros(h + ky, kx, d)], 1)
     out = torch.zeros(hh, ww, d)
