@@ -46,13 +46,13 @@ REMOVE = 3  # seed 0: the purple cylinder
 ADD = (0.185, -0.63, 0.55, 0.12, 0.9, 0.2, 0.7)  # seed 0: a magenta ball on top of the yellow box (top at z = 0.43)
 
 
-def scene_spec(**variant) -> SceneSpec:
-    return SceneSpec(seed=SEED, **variant)
+def scene_spec(size: int = 100, **variant) -> SceneSpec:
+    return SceneSpec(seed=SEED, width=size, height=size, **variant)
 
 
-def ensure_scene(path: Path, **variant) -> Path:
+def ensure_scene(path: Path, size: int = 100, **variant) -> Path:
     if not (path / "objects.json").is_file():
-        generate_scene(path, scene_spec(**variant))
+        generate_scene(path, scene_spec(size, **variant))
     return path
 
 
@@ -99,13 +99,14 @@ def main() -> None:
     ap.add_argument("--source-iterations", type=int, default=1500, help="the source run's steps (when it is trained here)")
     ap.add_argument("--source-batch", type=int, default=2048, help="the source run's rays per step")
     ap.add_argument("--steps", type=int, default=GuidedConfig().steps)
+    ap.add_argument("--size", type=int, default=100, help="pixels per side of the generated scene and its variants")
     ap.add_argument("--kinds", nargs="*", default=None, help="edit kinds for every edit (default: each edit's own)")
     ap.add_argument("--docs", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "guided_edit.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
     w = args.work
-    scene = ensure_scene(w / "scene")
+    scene = ensure_scene(w / "scene", args.size)
     t0 = time.perf_counter()
     run = ensure_run(scene, args.run or w / "run", args.source_iterations, args.source_batch)
     train_s = time.perf_counter() - t0
@@ -117,7 +118,7 @@ def main() -> None:
     }
     for name in args.only:
         variant_args, kinds, oid = todo[name]
-        variant = ensure_scene(w / f"scene_{name}", **variant_args)
+        variant = ensure_scene(w / f"scene_{name}", args.size, **variant_args)
         painted = w / f"painted_{name}"
         p = paint(run, variant, painted)
         kinds = tuple(args.kinds) if args.kinds else kinds
