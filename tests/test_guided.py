@@ -94,18 +94,27 @@ def test_outside_the_attention_the_source_passes_through_bit_for_bit():
     assert f.touched(x)[inside].all() and not f.touched(x)[out].any()
 
 
-def test_removal_acts_fully_from_removal_full_and_in_proportion_below():
+def test_ratios_act_fully_from_ratio_full_and_in_proportion_below():
     edit = EditField(BOX, (8, 8, 8))
     with torch.no_grad():
         edit.grid[1].fill_(20.0)  # remove everything the attention lets through
     x = torch.rand(200, 3) * 0.6 - 0.3  # inside the ball: density 80
     for a, full, left in ((0.6, 0.5, 0.0), (0.6, 1.0, 0.4), (0.3, 0.5, 0.4), (1.0, 1.0, 0.0)):
-        f = BlendedField(Ball(), edit, attention_on(BOX, value=a), ["remove"], removal_full=full)
+        f = BlendedField(Ball(), edit, attention_on(BOX, value=a), ["remove"], ratio_full=full)
         expect = 80.0 * (1 - min(1.0, f.attention(x[:1]).item() / full))
         assert torch.allclose(f.density(x), torch.full((200,), expect), atol=1e-3), (a, full)
         assert (expect < 1e-3) == (left == 0.0)
-    with pytest.raises(ValueError, match="removal_full"):
-        BlendedField(Ball(), edit, attention_on(BOX), ["remove"], removal_full=0.0)
+    with torch.no_grad():
+        edit.grid[2].fill_(20.0)  # and recolour it fully (the edit colour: the source's, green channel raised)
+        edit.color_mlp[-1].bias.copy_(torch.tensor([0.0, 4.0, 0.0]))
+    d = torch.nn.functional.normalize(torch.randn(200, 3), dim=-1)
+    target = edit.color(edit.latent(x), Ball().color(x, d))
+    f = BlendedField(Ball(), edit, attention_on(BOX, value=0.6), ["color"], ratio_full=0.5)
+    assert torch.allclose(f.color(x, d), target, atol=1e-5)  # attention 0.6 > 0.5: the edit colour alone
+    f = BlendedField(Ball(), edit, attention_on(BOX, value=0.6), ["color"], ratio_full=1.0)
+    assert not torch.allclose(f.color(x, d), target, atol=1e-2)  # in proportion: part of the old colour stays
+    with pytest.raises(ValueError, match="ratio_full"):
+        BlendedField(Ball(), edit, attention_on(BOX), ["remove"], ratio_full=0.0)
 
 
 def test_density_addition_renders_where_the_source_is_empty():

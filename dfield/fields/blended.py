@@ -3,15 +3,15 @@
 At every point the edit field gives a density sigma_E, a colour c_E, a density blending ratio rho_sigma (how
 much of the source's density is removed) and a colour blending ratio rho_c (how much of the source's colour is
 replaced); a 3D attention field A(x) in [0, 1] (dfield.fields.attention, LENeRF) gates all three, so outside
-the attention the result is the source, bit for bit. With r_sigma = min(1, A / a_full) rho_sigma, r_c = A rho_c, s_E = A sigma_E:
+the attention the result is the source, bit for bit. With g = min(1, A / a_full), r_sigma = g rho_sigma, r_c = g rho_c, s_E = A sigma_E:
 
     sigma_B = (1 - r_sigma) sigma_S + s_E
     c_B     = [(1 - r_sigma) sigma_S ((1 - r_c) c_S + r_c c_E) + s_E c_E] / sigma_B
 
 The three edit kinds of the paper switch these terms on: density addition ("add": s_E), density removal
-("remove": r_sigma) and colour change ("color": r_c). Removal saturates at attention a_full (`removal_full`):
-it scales an opaque density, so the 0.9 or 0.97 a distilled attention often holds inside an object would leave a
-tenth of it standing, a visible ghost. An optional deformation field moves where the source is
+("remove": r_sigma) and colour change ("color": r_c). The two ratios saturate at attention a_full
+(`ratio_full`): a distilled attention often holds 0.9 or 0.97 inside an object, which would leave a tenth of a
+removed object's density standing (a visible ghost) and a tenth of its old colour mixed into a recolour. An optional deformation field moves where the source is
 read inside the attention (x -> x + A(x) delta(x)) for shape changes.
 
 The edit field is a dense grid over the attention's box (EditField says why not a factorised one). Its colour
@@ -220,7 +220,7 @@ class BlendedField:
 
     `kinds` picks the edit kinds (a subset of KINDS). With "add", density may appear where the source has none:
     the box grows to the attention's support and the occupancy marks it (or takes `occupancy`, made before).
-    `removal_full`: the attention from which removal acts fully (module docstring).
+    `ratio_full`: the attention from which the blending ratios act fully (module docstring).
     Outside the attention every value is the source's, passed
     through untouched; `touched(x)` says where that is not guaranteed. Features pass through from the source
     (the edit adds no meaning of its own), so queries answer on an edited scene as on the original.
@@ -244,14 +244,14 @@ class BlendedField:
     """
 
     def __init__(self, source, edit: EditField, attention: AttentionField, kinds,
-                 deform: DeformationField | None = None, occupancy=None, removal_full: float = 1.0):
+                 deform: DeformationField | None = None, occupancy=None, ratio_full: float = 1.0):
         kinds = frozenset(kinds)
         if not kinds or not kinds <= set(KINDS):
             raise ValueError(f"edit kinds must be a non-empty subset of {KINDS}, got {sorted(kinds)}")
         self.source, self.edit, self.attention, self.kinds, self.deform = source, edit, attention, kinds, deform
-        if not 0 < removal_full <= 1:
-            raise ValueError(f"removal_full is in (0, 1], got {removal_full}")
-        self.removal_full = float(removal_full)
+        if not 0 < ratio_full <= 1:
+            raise ValueError(f"ratio_full is in (0, 1], got {ratio_full}")
+        self.ratio_full = float(ratio_full)
         box = attention.support_box().to(source.aabb)
         self.aabb = torch.stack([torch.minimum(source.aabb[0], box[0]), torch.maximum(source.aabb[1], box[1])]) \
             if "add" in kinds else source.aabb
@@ -274,8 +274,9 @@ class BlendedField:
             sigma_s = self.source.density(y)
         rho = self.edit.ratios(x)
         zero = torch.zeros_like(a)
-        r_sigma = (a / self.removal_full).clamp(max=1) * rho[:, 0] if "remove" in self.kinds else zero
-        r_color = a * rho[:, 1] if "color" in self.kinds else zero
+        gate = (a / self.ratio_full).clamp(max=1)
+        r_sigma = gate * rho[:, 0] if "remove" in self.kinds else zero
+        r_color = gate * rho[:, 1] if "color" in self.kinds else zero
         sigma_e = a * self.edit.density(x) if "add" in self.kinds else zero
         out = {"sigma_s": sigma_s, "sigma_e": sigma_e, "r_sigma": r_sigma, "r_color": r_color,
                "sigma": (1 - r_sigma) * sigma_s + sigma_e}

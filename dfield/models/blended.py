@@ -32,9 +32,10 @@ class BlendConfig:
     attention_res: list = field(default_factory=lambda: [32, 32, 32])
     floor: float = 0.02
     """Attention values below this are exactly zero (the source passes through untouched there)."""
-    removal_full: float = 1.0
-    """Attention from which density removal acts fully (dfield.fields.blended; 1: in proportion to the attention,
-    what edits written before this option did; dfield guide-edit writes its GuidedConfig's)."""
+    ratio_full: float = 1.0
+    """Attention from which the density-removal and colour ratios act fully (dfield.fields.blended; 1: in
+    proportion to the attention, what edits written before this option did; dfield guide-edit writes its
+    GuidedConfig's)."""
     deform_res: list = field(default_factory=list)
     """Cells per axis of the deformation field over the edit box (empty: no deformation)."""
     edit: EditFieldConfig = field(default_factory=EditFieldConfig)
@@ -88,12 +89,12 @@ class BlendedModel(GridModel):
             key = (id(self.occupancy), id(self.attention.logits), self.attention.logits._version)
             if self._occupancy_cache is None or self._occupancy_cache[0] != key:
                 f = BlendedField(source, self.edit, self.attention, self.blend.kinds, self.deform,
-                                 removal_full=self.blend.removal_full)
+                                 ratio_full=self.blend.ratio_full)
                 self._occupancy_cache = (key, f.occupancy)  # a full-grid attention pass: once per weights
                 return f
             occupancy = self._occupancy_cache[1]
         return BlendedField(source, self.edit, self.attention, self.blend.kinds, self.deform, occupancy,
-                            self.blend.removal_full)
+                            self.blend.ratio_full)
 
     def param_groups(self, lr_scale: float = 1.0) -> list[dict]:
         """Only the edit's parameters: the source is frozen."""
