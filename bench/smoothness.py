@@ -208,24 +208,21 @@ def main(argv=None) -> None:
             row = {k: v for k, v in entry["rows"].get(name, {}).items()
                    if k in ("settings", "seconds", "smooth_seconds", "peak_rss_gib", "distill_iterations")}
             row.update(score(run, args.selections), rescored=time.strftime("%Y-%m-%d"))
-            entry["rows"][name] = row
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(old, indent=1))
-            continue
-        shutil.rmtree(run, ignore_errors=True)
-        shutil.copytree(base, run)
-        t0 = time.perf_counter()
-        d = distill(run, args.teacher, method="fit", iterations=args.distill_iterations, threads=args.threads,
-                    **VARIANTS[name])
-        seconds = time.perf_counter() - t0
-        print(f"== {name}: distilled in {seconds:.0f} s", flush=True)
-        row = {"settings": VARIANTS[name], "seconds": seconds, "smooth_seconds": d.summary["smooth_seconds"],
-               "peak_rss_gib": d.summary["peak_rss_bytes"] / 2**30, "distill_iterations": args.distill_iterations}
-        row.update(score(run, args.selections))
+        else:
+            shutil.rmtree(run, ignore_errors=True)
+            shutil.copytree(base, run)
+            t0 = time.perf_counter()
+            d = distill(run, args.teacher, method="fit", iterations=args.distill_iterations, threads=args.threads,
+                        **VARIANTS[name])
+            seconds = time.perf_counter() - t0
+            print(f"== {name}: distilled in {seconds:.0f} s", flush=True)
+            row = {"settings": VARIANTS[name], "seconds": seconds, "smooth_seconds": d.summary["smooth_seconds"],
+                   "peak_rss_gib": d.summary["peak_rss_bytes"] / 2**30, "distill_iterations": args.distill_iterations}
+            row.update(score(run, args.selections))
         entry["rows"][name] = row  # variants run earlier on the same scene stay in the table
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(old, indent=1))  # after every variant: a kill loses one at most
-        if not args.keep:
+        if not (args.keep or args.rescore):
             shutil.rmtree(run, ignore_errors=True)
     print_table(entry, scene, args.teacher, args.distill_iterations)
     print(f"wrote {args.out}")

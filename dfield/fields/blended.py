@@ -3,7 +3,8 @@
 At every point the edit field gives a density sigma_E, a colour c_E, a density blending ratio rho_sigma (how
 much of the source's density is removed) and a colour blending ratio rho_c (how much of the source's colour is
 replaced); a 3D attention field A(x) in [0, 1] (dfield.fields.attention, LENeRF) gates all three, so outside
-the attention the result is the source, bit for bit. With g = min(1, A / a_full), r_sigma = g rho_sigma, r_c = g rho_c, s_E = A sigma_E:
+the attention the result is the source, bit for bit. With g = min(1, A / a_full), r_sigma = g rho_sigma,
+r_c = g rho_c and s_E = A sigma_E:
 
     sigma_B = (1 - r_sigma) sigma_S + s_E
     c_B     = [(1 - r_sigma) sigma_S ((1 - r_c) c_S + r_c c_E) + s_E c_E] / sigma_B
@@ -11,14 +12,16 @@ the attention the result is the source, bit for bit. With g = min(1, A / a_full)
 The three edit kinds of the paper switch these terms on: density addition ("add": s_E), density removal
 ("remove": r_sigma) and colour change ("color": r_c). The two ratios saturate at attention a_full
 (`ratio_full`): a distilled attention often holds 0.9 or 0.97 inside an object, which would leave a tenth of a
-removed object's density standing (a visible ghost) and a tenth of its old colour mixed into a recolour. An optional deformation field moves where the source is
-read inside the attention (x -> x + A(x) delta(x)) for shape changes.
+removed object's density standing (a visible ghost) and a tenth of its old colour mixed into a recolour. An
+optional deformation field moves where the source is read inside the attention (x -> x + A(x) delta(x)) for shape
+changes.
 
 The edit field is a dense grid over the attention's box (EditField says why not a factorised one). Its colour
 follows the source colour through one per-channel gain, c_E = c_S * exp(g): a change of albedo under the scene's
 own lighting, so a recolour seen in two views holds for every shade (lit, shadowed, the checker's dark squares)
 and every side no view showed. Added matter has no source colour to follow; there (`color_model="free"`) the edit
-colour is a residual MLP of a spatial latent z(x) and c_S in logit space: c_E = sigmoid(logit(c_S) + MLP(z(x), c_S)).
+colour is a residual MLP of a spatial latent z(x) and c_S in logit space:
+c_E = sigmoid(logit(c_S) + MLP(z(x), c_S)).
 """
 
 from __future__ import annotations

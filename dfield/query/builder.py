@@ -21,7 +21,7 @@ import torch
 from dfield.errors import QueryError, TeacherError
 from dfield.query.clusters import MAX_CLUSTER_SAMPLES, auto_view_ids, contrast_query, subsample
 from dfield.query.context import QueryContext, context
-from dfield.query.sets import QuerySet, click_embedding, click_region, patch_embedding
+from dfield.query.sets import QuerySet, click_region, patch_embedding
 from dfield.query.spec import OPAQUE, TEXT_NEGATIVES, QuerySpec, query_views, validate
 
 
@@ -52,11 +52,10 @@ def field_click_embedding(ctx: QueryContext, view: int, xy, radius: float = 0.0)
     the click's `click_region` (`radius`: fraction of the image's longer side; 0: the one pixel); QueryError when the
     pixel is empty space (opacity at most OPAQUE)."""
     r = ctx.train_view(view)
-    size = (ctx.train_cameras.width, ctx.train_cameras.height)
-    if click_embedding(r.acc[..., None], xy, size).item() <= OPAQUE:
-        raise QueryError(f"click {tuple(xy)} on view {view} hits empty space (nothing is rendered there)")
     h, w = r.acc.shape
-    x, y = int(xy[0] * w / size[0]), int(xy[1] * h / size[1])
+    x, y = int(xy[0] * w / ctx.train_cameras.width), int(xy[1] * h / ctx.train_cameras.height)
+    if r.acc[y, x] <= OPAQUE:
+        raise QueryError(f"click {tuple(xy)} on view {view} hits empty space (nothing is rendered there)")
     mask = click_region(r.acc, r.depth / r.acc.clamp(min=1e-6), x, y, radius)
     return ctx.decode(r.feature[mask].float()).mean(0)
 
