@@ -60,7 +60,7 @@ class FeatureConfig:
     dfield.features.targets.DEFAULT_SMOOTH, recorded resolved in the run's config), none (the teacher's maps as
     they are), segments:SEGMENTER (blur inside each region of a segmenter's masks: segments:felzenszwalb (offline),
     segments:litemedsam, segments:sam:CHECKPOINT, segments:gt (generated scenes), segments:files:FOLDER), or
-    bilateral[:sigma_space=3,sigma_color=0.1] (RGB-guided, the baseline)."""
+    bilateral[:sigma_space=3,sigma_color=0.03] (RGB-guided; what auto is today)."""
     smooth_on: Literal["auto", "renders", "photos"] = "auto"
     """What the masks (and the bilateral guide) are made on: the radiance field's renders of the training views when
     features start (the paper's radiance-first order), or the input photos; auto: renders when start_step > 0."""

@@ -24,6 +24,7 @@ from dfield.features.smoothing import (
     upsample_features,
 )
 from dfield.features.teachers.cache import FeatureMaps
+from dfield.features.windowed_maps import WindowedMaps
 from dfield.models.losses import patch_tv_loss
 from dfield.training.trainer import Trainer
 
@@ -252,6 +253,27 @@ def test_smoothed_maps_are_cached_and_exact_outside_masks(tiny_scene, tmp_path):
     assert other.path != out.path
 
 
+def test_bilateral_targets_are_windows_that_sample_as_the_filtered_maps(tmp_path):
+    rng = np.random.default_rng(1)
+    n, (h, w), (hh, ww), d = 2, (5, 6), (20, 24), 64
+    raw = FeatureMaps(rng.normal(size=(n, h, w, d)).astype(np.float16), (ww, hh), "rand")
+    images = rng.integers(0, 256, size=(n, hh, ww, 3), dtype=np.uint8)
+    spec = SmoothSpec.parse("bilateral:sigma_space=1.5,sigma_color=0.2")
+    out = smoothed_maps(raw, images, spec, tmp_path, None)
+    assert isinstance(out, WindowedMaps) and out.path.is_file() and out.dim == d and len(out) == n
+    assert out.coef.nbytes < 0.5 * n * hh * ww * d * 2  # fewer bytes than the image-resolution maps
+    dense = np.stack([joint_bilateral(upsample_features(raw.view(i), hh, ww), torch.from_numpy(images[i]).float() / 255,
+                                      1.5, 0.2).numpy() for i in range(n)])
+    ref = FeatureMaps(dense.astype(np.float32), (ww, hh))
+    view = torch.tensor([0, 1, 1, 0, 1, 0])
+    u = torch.tensor([0.5, 3.5, 23.5, 7.25, 0.1, 30.0])  # centres, between pixels, beyond the edge
+    v = torch.tensor([0.5, 19.5, 0.5, 4.75, 12.5, -3.0])
+    assert torch.allclose(out.sample(view, u, v), ref.sample(view, u, v), atol=3e-3)
+    assert torch.allclose(out.view(1), torch.from_numpy(dense[1]), atol=3e-3)
+    assert smoothed_maps(raw, images, spec, tmp_path, None).path == out.path  # cached
+    assert smoothed_maps(raw, images, SmoothSpec.parse("bilateral:sigma_space=1"), tmp_path, None).path != out.path
+
+
 # ------------------------------------------------------------------------------------------ end to end
 
 
@@ -269,6 +291,21 @@ def test_training_with_segment_smoothing_patches_and_tv_resumes(tiny_scene, tiny
     t2 = Trainer.resume(run, iterations=40)
     t2.train()
     assert t2.targets.path == t.targets.path  # the same targets, not renders made again from later weights
+
+
+def test_training_with_bilateral_windows_resumes_on_the_same_targets(tiny_scene, tiny_train_config, tmp_path):
+    cfg = tiny_train_config(tiny_scene, iterations=24)
+    cfg.features.teacher, cfg.features.dim = "synthetic", 8
+    cfg.features.start_step, cfg.features.smooth = 20, "bilateral:sigma_space=1"
+    run = tmp_path / "run"
+    t = Trainer.create(cfg, run)
+    t.train()
+    assert isinstance(t.targets, WindowedMaps) and json.loads((run / "targets.json").read_text())["kind"] == "windows"
+    t2 = Trainer.resume(run, iterations=28)
+    t2.train()
+    assert isinstance(t2.targets, WindowedMaps) and t2.targets.path == t.targets.path
+    assert torch.equal(t2.targets.sample(0, torch.tensor([3.5]), torch.tensor([2.5])),
+                       t.targets.sample(0, torch.tensor([3.5]), torch.tensor([2.5])))
 
 
 def test_bad_smoothing_options_fail_before_anything_is_written(tiny_scene, tiny_train_config, tmp_path):

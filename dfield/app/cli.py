@@ -199,8 +199,8 @@ def distill(run: tyro.conf.Positional[Path], teacher: str, method: Literal["fit"
         dim: Width of the feature field (fit); a learned linear decoder maps it to the teacher's width.
         batch_rays: Rays per step (fit).
         lift_voxels: Voxels of the lifted grid (lift); only cells a ray reaches are stored, in fp16.
-        smooth: Smoother targets: auto (the default, README "Smooth features"), none (raw teacher maps),
-            segments:felzenszwalb|litemedsam|sam:CHECKPOINT|gt|files:FOLDER, or bilateral[:sigma_space=3,...].
+        smooth: Smoother targets: auto (the default: RGB-guided bilateral, README "Smooth features"), none (raw
+            teacher maps), segments:felzenszwalb|litemedsam|sam:CHECKPOINT|gt|files:FOLDER, or bilateral[:sigma_space=3,...].
         smooth_on: Make masks on the trained field's renders of the training views, or on the photos.
         smooth_mode: Inside a region: Gaussian blur restricted to it, or the region's mean.
         smooth_sigma: Gaussian sigma of segment blur, image pixels.

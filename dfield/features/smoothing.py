@@ -13,8 +13,9 @@ object edges, so the targets a field is distilled from are first smoothed, edge-
       T(p) = sum_q w(p, q) F(q) / sum_q w(p, q),
       w(p, q) = exp(-|p - q|^2 / (2 sigma_space^2) - |I(p) - I(q)|^2 / (2 sigma_color^2)),  |p - q|_inf <= 2 sigma_space.
 
-The smoothed targets are image-resolution fp16 maps (N, H, W, D), cached on disk like the teacher maps, and
-sampled by the trainer exactly as raw maps are (FeatureMaps.sample).
+Segment-blurred targets are image-resolution fp16 maps (N, H, W, D); bilateral ones are stored as each pixel's
+weights on the few teacher cells its window reads (dfield.features.windowed_maps), a K x K instead of a D-wide
+vector. Both are cached on disk like the teacher maps and sampled by the trainer as raw maps are (`sample`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from dfield.errors import TeacherError
 from dfield.features.specs import parse_spec
 from dfield.features.teachers.cache import FeatureMaps
+from dfield.features.windowed_maps import WindowedMaps, apply_windows
 from dfield.io.atomic import atomic_path, atomic_write_text
 
 Progress = Callable[[str, int, int, dict | None], None]
@@ -40,7 +42,8 @@ Progress = Callable[[str, int, int, dict | None], None]
 
 @dataclass
 class SmoothSpec:
-    """A parsed `--features.smooth` value: "segments:<segmenter spec>" or "bilateral[:sigma_space=S,sigma_color=C]".
+    """A parsed `--features.smooth` value: "segments:<segmenter spec>" or "bilateral[:sigma_space=S,sigma_color=C]"
+    (defaults 3 pixels and 0.03: on generated scenes sigma_color 0.03 beat 0.05 and 0.1, README "Smooth features").
 
     Example:
         >>> SmoothSpec.parse("segments:felzenszwalb:scale=50").segmenter
@@ -52,7 +55,7 @@ class SmoothSpec:
     kind: str  # "segments" or "bilateral"
     segmenter: str = ""
     sigma_space: float = 3.0  # bilateral: spatial sigma, image pixels
-    sigma_color: float = 0.1  # bilateral: RGB sigma, colours in [0, 1]
+    sigma_color: float = 0.03  # bilateral: RGB sigma, colours in [0, 1]
 
     @classmethod
     def parse(cls, spec: str) -> "SmoothSpec":
@@ -70,8 +73,8 @@ class SmoothSpec:
             unknown = set(settings) - {"sigma_space", "sigma_color"}
             if arg or unknown:
                 raise TeacherError(f"--features.smooth {spec!r}: bilateral takes sigma_space=, sigma_color=")
-            out = cls("bilateral", sigma_space=float(settings.get("sigma_space", 3.0)),
-                      sigma_color=float(settings.get("sigma_color", 0.1)))
+            out = cls("bilateral", sigma_space=float(settings.get("sigma_space", cls.sigma_space)),
+                      sigma_color=float(settings.get("sigma_color", cls.sigma_color)))
             if out.sigma_space <= 0 or out.sigma_color <= 0:
                 raise TeacherError(f"--features.smooth {spec!r}: sigmas must be positive")
             return out
@@ -170,7 +173,7 @@ def _bilateral_weights(guide: torch.Tensor, sigma_space: float, sigma_color: flo
     weights of the pairs."""
     guide = torch.as_tensor(guide).float()
     h, w = guide.shape[:2]
-    r = max(1, math.ceil(2 * sigma_space))
+    r = bilateral_radius(sigma_space)
     for dy in range(-r, r + 1):
         for dx in range(-r, r + 1):
             ty0, ty1, tx0, tx1 = max(0, -dy), min(h, h - dy), max(0, -dx), min(w, w - dx)
@@ -209,25 +212,25 @@ def _window_rows(u: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, i
     return lo, torch.stack(rows), k
 
 
-def joint_bilateral_upsampled(fmap: torch.Tensor, guide: torch.Tensor, sigma_space: float = 3.0,
-                              sigma_color: float = 0.1) -> torch.Tensor:
-    """joint_bilateral(upsample_features(fmap, H, W), guide) without the upsampled maps: (h, w, D) teacher cells
-    and an (H, W, C) guide -> (H, W, D).
+def bilateral_windows(cells: tuple[int, int], guide: torch.Tensor, sigma_space: float = 3.0,
+                      sigma_color: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The joint bilateral filter of upsampled teacher maps as fixed weights on teacher cells: for an (h, w) = `cells`
+    grid and an (H, W, C) guide in [0, 1], (anchor_y (H,), anchor_x (W,), coef (H, W, Ky, Kx)) such that
 
-    Both steps are linear in the features, so each output pixel is a weighted sum of the few teacher cells its
-    window reads (K x K, K = ceil((4 sigma_space + 1) / (H / h)) + 1 or so): the weights are built from the guide
-    alone, then the D-wide work is K^2 passes instead of (4 sigma_space + 1)^2. Same values up to rounding.
+        joint_bilateral(upsample_features(F, H, W), guide)[y, x] = sum_ij coef[y, x, i, j] F[anchor_y[y] + i, anchor_x[x] + j]
+
+    for every (h, w, D) map F (`apply_windows`). Both steps are linear in the features, so each output pixel reads
+    only the K x K teacher cells its window touches (K = ceil((4 sigma_space + 1) / (H / h)) + 1 or so); the weights
+    depend on the guide alone. Cells past the map's edge (anchor + i >= h) have weight 0.
 
     Example:
-        >>> f, rgb = torch.rand(4, 4, 8), torch.rand(16, 16, 3)
-        >>> ref = joint_bilateral(upsample_features(f, 16, 16), rgb)
-        >>> torch.allclose(joint_bilateral_upsampled(f, rgb), ref, atol=1e-5)
-        True
+        >>> ay, ax, coef = bilateral_windows((4, 4), torch.rand(16, 16, 3), sigma_space=1.5)
+        >>> coef.shape[:2], bool(torch.allclose(coef.sum((2, 3)), torch.ones(16, 16)))
+        (torch.Size([16, 16]), True)
     """
-    fmap = torch.as_tensor(fmap).float()
     guide = torch.as_tensor(guide).float()
-    (h, w, d), (hh, ww) = fmap.shape, guide.shape[:2]
-    r = max(1, math.ceil(2 * sigma_space))
+    (h, w), (hh, ww) = cells, guide.shape[:2]
+    r = bilateral_radius(sigma_space)
     ay, ry, ky = _window_rows(_interp_matrix(h, hh), r)  # ry (2r+1, H, Ky)
     ax, rx, kx = _window_rows(_interp_matrix(w, ww), r)  # rx (2r+1, W, Kx)
     coef = torch.zeros(hh, ww, ky, kx)
@@ -242,19 +245,43 @@ def joint_bilateral_upsampled(fmap: torch.Tensor, guide: torch.Tensor, sigma_spa
         den[dst] += wgt
         part[dst] += wgt[..., None] * rx[dx + r][None, dst[1]]
     coef += ry[row + r][:, None, :, None] * part[:, :, None, :]
-    cells = torch.cat([fmap, fmap.new_zeros(ky, w, d)], 0)
-    cells = torch.cat([cells, cells.new_zeros(h + ky, kx, d)], 1)
-    out = torch.zeros(hh, ww, d)
-    for i in range(ky):
-        rows = cells[ay + i]  # (H, w + Kx, D)
-        for j in range(kx):
-            out += coef[:, :, i, j, None] * rows[:, ax + j]
-    return out / den[..., None]
+    return ay, ax, coef / den[..., None, None]
+
+
+def window_anchors(cells: tuple[int, int], image: tuple[int, int], sigma_space: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(anchor_y (H,), anchor_x (W,)) of `bilateral_windows` for (h, w) `cells` and an (H, W) `image`: they depend on
+    the sizes and the radius only, so stored windows need not keep them."""
+    r = bilateral_radius(sigma_space)
+    return _window_rows(_interp_matrix(cells[0], image[0]), r)[0], _window_rows(_interp_matrix(cells[1], image[1]), r)[0]
+
+
+def bilateral_radius(sigma_space: float) -> int:
+    """Half-width in pixels of the bilateral window: offsets up to 2 sigma_space along each axis."""
+    return max(1, math.ceil(2 * sigma_space))
+
+
+def joint_bilateral_upsampled(fmap: torch.Tensor, guide: torch.Tensor, sigma_space: float = 3.0,
+                              sigma_color: float = 0.1) -> torch.Tensor:
+    """joint_bilateral(upsample_features(fmap, H, W), guide) without the upsampled maps: (h, w, D) teacher cells
+    and an (H, W, C) guide -> (H, W, D), through `bilateral_windows`: the D-wide work is K^2 passes instead of
+    (4 sigma_space + 1)^2. Same values up to rounding.
+
+    Example:
+        >>> f, rgb = torch.rand(4, 4, 8), torch.rand(16, 16, 3)
+        >>> ref = joint_bilateral(upsample_features(f, 16, 16), rgb)
+        >>> torch.allclose(joint_bilateral_upsampled(f, rgb), ref, atol=1e-5)
+        True
+    """
+    fmap = torch.as_tensor(fmap).float()
+    return apply_windows(fmap, *bilateral_windows(fmap.shape[:2], guide, sigma_space, sigma_color))
 
 
 def smoothed_maps(raw: FeatureMaps, images, spec: SmoothSpec, cache_dir: Path, labels=None, sigma: float = 4.0,
-                  mode: str = "blur", key_extra: str = "", progress: Progress | None = None) -> FeatureMaps:
-    """Smoothed image-resolution targets (N, H, W, D) fp16 of teacher `raw` maps, computed once into `cache_dir`.
+                  mode: str = "blur", key_extra: str = "",
+                  progress: Progress | None = None) -> FeatureMaps | WindowedMaps:
+    """Smoothed targets of teacher `raw` maps, computed once into `cache_dir`: segment blur as image-resolution maps
+    (N, H, W, D) fp16 (FeatureMaps), the bilateral filter as windows onto the teacher cells (WindowedMaps, a
+    K x K weight per pixel instead of D features); both are sampled alike.
 
     `images` uint8 (N, H, W, 3) are the views (photos or renders) the targets belong to; `labels` int (N, H, W)
     are the segment label maps (spec.kind "segments"). The cache key holds the raw maps' key, the images, the
@@ -267,7 +294,8 @@ def smoothed_maps(raw: FeatureMaps, images, spec: SmoothSpec, cache_dir: Path, l
         raise ValueError(f"{len(raw)} teacher maps for {n} images")
     if spec.kind == "segments" and (labels is None or tuple(labels.shape) != (n, h, w)):
         raise ValueError(f"segment smoothing needs (N, H, W) = {(n, h, w)} labels")
-    hsh = hashlib.sha1(f"dfield-smooth-v1\0{spec}\0{sigma}\0{mode}\0{key_extra}\0".encode())
+    version = "v2-windows" if spec.kind == "bilateral" else "v1"
+    hsh = hashlib.sha1(f"dfield-smooth-{version}\0{spec}\0{sigma}\0{mode}\0{key_extra}\0".encode())
     hsh.update(raw.path.stem.encode() if raw.path is not None else np.ascontiguousarray(raw.maps).tobytes())
     for i in range(n):
         hsh.update(np.ascontiguousarray(images[i]).tobytes())
@@ -275,6 +303,8 @@ def smoothed_maps(raw: FeatureMaps, images, spec: SmoothSpec, cache_dir: Path, l
             hsh.update(np.ascontiguousarray(labels[i]).astype(np.int32).tobytes())
     cache_dir = Path(cache_dir)
     npy = cache_dir / f"{hsh.hexdigest()}.npy"
+    if spec.kind == "bilateral":
+        return _bilateral_windows_cached(raw, images, spec, npy, progress)
     name = f"{raw.teacher}+{spec.kind}"
     if npy.is_file():
         try:
@@ -287,12 +317,8 @@ def smoothed_maps(raw: FeatureMaps, images, spec: SmoothSpec, cache_dir: Path, l
     with atomic_path(npy) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, h, w, raw.dim))
         for i in range(n):
-            if spec.kind == "segments":
-                f = blur_within_labels(upsample_features(raw.view(i), h, w), torch.from_numpy(np.array(labels[i])),
-                                       sigma, mode)
-            else:
-                f = joint_bilateral_upsampled(raw.view(i), torch.from_numpy(images[i]).float() / 255.0,
-                                              spec.sigma_space, spec.sigma_color)
+            f = blur_within_labels(upsample_features(raw.view(i), h, w), torch.from_numpy(np.array(labels[i])),
+                                   sigma, mode)
             out[i] = f.numpy().astype(np.float16)
             if progress is not None:
                 progress("smooth", i + 1, n, None)
@@ -302,3 +328,46 @@ def smoothed_maps(raw: FeatureMaps, images, spec: SmoothSpec, cache_dir: Path, l
                                                              "mode": mode, "shape": [n, h, w, raw.dim]}) + "\n",
                       durable=False)
     return FeatureMaps(np.load(npy, mmap_mode="r"), raw.image_size, name, npy)
+
+
+def open_windows(raw: FeatureMaps, npy: Path, sigma_space: float, name: str = "") -> WindowedMaps | None:
+    """The bilateral windows stored at `npy` (N, H, W, Ky, Kx) fp16 over `raw`'s cells, or None when the file is
+    missing, unreadable or of another shape."""
+    try:
+        coef = np.load(npy, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    (ww, hh), (cw, ch) = raw.image_size, raw.resolution
+    ay, ax = window_anchors((ch, cw), (hh, ww), sigma_space)
+    if coef.dtype != np.float16 or coef.shape[:3] != (len(raw), hh, ww) or coef.ndim != 5:
+        return None
+    if coef.shape[3:] != (int(_window_k(ch, hh, sigma_space)), int(_window_k(cw, ww, sigma_space))):
+        return None
+    return WindowedMaps(raw, coef, ay.numpy(), ax.numpy(), name or f"{raw.teacher}+bilateral", Path(npy))
+
+
+def _window_k(cells: int, pixels: int, sigma_space: float) -> int:
+    return _window_rows(_interp_matrix(cells, pixels), bilateral_radius(sigma_space))[2]
+
+
+def _bilateral_windows_cached(raw: FeatureMaps, images: np.ndarray, spec: SmoothSpec, npy: Path,
+                              progress: Progress | None) -> WindowedMaps:
+    found = open_windows(raw, npy, spec.sigma_space)
+    if found is not None:
+        return found
+    n, hh, ww = images.shape[:3]
+    cw, ch = raw.resolution
+    shape = (n, hh, ww, _window_k(ch, hh, spec.sigma_space), _window_k(cw, ww, spec.sigma_space))
+    npy.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(npy) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+        for i in range(n):
+            guide = torch.from_numpy(np.asarray(images[i])).float() / 255.0
+            out[i] = bilateral_windows((ch, cw), guide, spec.sigma_space, spec.sigma_color)[2].numpy().astype(np.float16)
+            if progress is not None:
+                progress("smooth", i + 1, n, None)
+        out.flush()
+        del out
+    atomic_write_text(npy.with_suffix(".json"), json.dumps({"teacher": raw.teacher, "smooth": str(spec),
+                                                             "windows": list(shape)}) + "\n", durable=False)
+    return open_windows(raw, npy, spec.sigma_space)

@@ -303,7 +303,7 @@ class Trainer:
             self.model.train()
         self.targets = smooth_targets(self.teacher_maps, self.data, fcfg.smooth, renders, fcfg.smooth_sigma,
                                       fcfg.smooth_mode, progress=self.progress)
-        save_targets_record(self.run_dir, self.targets, source, self.step)
+        save_targets_record(self.run_dir, self.targets, source, self.step, fcfg.smooth)
 
     def _missed_rays_feature_loss(self, n: int, jitter: torch.Generator | None = None) -> tuple[torch.Tensor, float] | None:
         """Feature loss on rays that miss the shrunk box, which the batcher no longer draws.
