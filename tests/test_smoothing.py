@@ -363,3 +363,20 @@ def test_default_smoothing_is_resolved_and_recorded(tiny_scene, tiny_train_confi
     d = distill(run, "synthetic", iterations=2, dim=4, batch_rays=64, smooth="none")
     assert d.summary["smooth"] == "" and d.summary["smooth_seconds"] == 0
     shutil.rmtree(run)
+
+
+def test_sample_pool_renders_the_views_as_render_views_does(tiny_scene, tiny_train_config, tmp_path):
+    from dfield.features.fitting import SamplePool
+    from dfield.features.targets import render_views
+    from dfield.io.run import open_run
+
+    run = tmp_path / "run"
+    Trainer.create(tiny_train_config(tiny_scene, iterations=20), run).train()
+    r = open_run(run)
+    data = load_dataset(tiny_scene, "train")
+    pool = SamplePool(r.model, data, chunk=97, renders=True)  # chunks that cut views
+    ref = render_views(r.model, data)
+    assert np.abs(pool.renders["rgb"].astype(int) - ref["rgb"].astype(int)).max() <= 1
+    assert np.allclose(pool.renders["depth"], ref["depth"], atol=1e-4)
+    plain = SamplePool(r.model, data)
+    assert torch.equal(plain.offsets, pool.offsets) and torch.allclose(plain.weight, pool.weight)

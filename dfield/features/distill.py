@@ -22,7 +22,7 @@ from dfield.core.metrics import PeakMemory
 from dfield.core.rays import RayBatcher
 from dfield.data.dataset import Dataset
 from dfield.errors import RunError
-from dfield.features.fitting import fit_features, ray_feature_loss
+from dfield.features.fitting import SamplePool, fit_features, ray_feature_loss
 from dfield.features.lifting import lift_features
 from dfield.features.segmenters import make_segmenter
 from dfield.features.smoothing import SmoothSpec
@@ -87,15 +87,24 @@ def distill(run, teacher: str, method: str = "fit", iterations: int = 1000, dim:
         t0 = time.perf_counter()
         maps = cached_features(t, data, feature_cache_dir(), progress=progress)
         teacher_s = time.perf_counter() - t0
-        smooth_s = 0.0
+        smooth_s, pool, pool_s = 0.0, None, 0.0
         if smooth:
             t1 = time.perf_counter()
-            renders = render_views(r.model, data, device, progress=progress) if smooth_on == "renders" else None
+            renders = None
+            if smooth_on == "renders" and method == "fit":
+                # One march finds every pixel's visible samples for the fit and renders the views for the masks.
+                t2 = time.perf_counter()
+                pool = SamplePool(r.model, data, progress=progress, renders=True)
+                renders, pool_s = pool.renders, time.perf_counter() - t2
+            elif smooth_on == "renders":
+                renders = render_views(r.model, data, device, progress=progress)
             maps = smooth_targets(maps, data, smooth, renders, smooth_sigma, smooth_mode, progress=progress)
-            smooth_s = time.perf_counter() - t1
+            smooth_s = time.perf_counter() - t1 - pool_s  # the march is the fit's (it would run there anyway)
         before = _optimised_params(r.model)
         if method == "fit":
-            stats = _fit(r.model, data, maps, t.dim, dim, iterations, batch_rays, loss, r.cfg.seed, patch, tv, progress)
+            stats = _fit(r.model, data, maps, t.dim, dim, iterations, batch_rays, loss, r.cfg.seed, patch, tv, progress,
+                         pool)
+            stats["seconds"] += pool_s
         else:
             stats = _lift(r.model, data, maps, lift_voxels, batch_rays, loss, r.cfg.seed, progress)
     features = dataclasses.replace(r.cfg.features, teacher=teacher, dim=dim if method == "fit" else 0, loss=loss,
@@ -122,10 +131,10 @@ def _check_options(method, loss, iterations, dim, batch_rays, lift_voxels) -> No
 
 
 def _fit(model: GridModel, data: Dataset, maps, teacher_dim, dim, iterations, batch_rays, loss, seed, patch, tv,
-         progress) -> dict:
+         progress, pool: SamplePool | None = None) -> dict:
     model.add_feature_field(dim, teacher_dim)
     stats = fit_features(model, data, maps, iterations, batch_rays, loss=loss, seed=seed, patch=patch, tv=tv,
-                         progress=progress)
+                         progress=progress, pool=pool)
     return {"seconds": stats["seconds"], "iterations": iterations, "loss": stats["loss"], "loss_kind": loss,
             "loss_note": "last training batch"}
 

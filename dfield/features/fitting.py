@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from dfield.core.rays import RayBatcher, Rays, pixel_coords
@@ -43,17 +44,24 @@ class SamplePool:
     """
 
     def __init__(self, model: GridModel, data: Dataset, chunk: int = 1 << 14,
-                 progress: Callable[[str, int, int, dict | None], None] | None = None):
+                 progress: Callable[[str, int, int, dict | None], None] | None = None, renders: bool = False):
         batcher = RayBatcher(data, 1)
         device = model.field.aabb.device
         field, settings = model.as_field(), model.render_settings()
         n = batcher.n_pixels
         counts = torch.zeros(n, dtype=torch.long)
-        ts, ws = [], []
+        ts, ws, rgb, depth = [], [], [], []
         for start in range(0, n, chunk):
             ids = torch.arange(start, min(n, start + chunk))
             rays, _ = batcher.rays_of(ids)
-            v = visible_samples(field, rays.to(device), settings)
+            if renders:  # the same march, which also composites the colour: the views' renders come almost free
+                with torch.no_grad():
+                    out = render_field(field, rays.to(device), settings, None, colors=True, visible=True)
+                v = out["visible"]
+                rgb.append((out["rgb"].clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+                depth.append(out["depth"].float().cpu())
+            else:
+                v = visible_samples(field, rays.to(device), settings)
             order = torch.sort(v.ray, stable=True).indices  # samples grouped by ray, front to back within each
             ts.append(v.t[order].cpu())
             ws.append(v.weight[order].cpu())
@@ -63,6 +71,12 @@ class SamplePool:
         self.t, self.weight = torch.cat(ts), torch.cat(ws)
         self.offsets = torch.zeros(n + 1, dtype=torch.long)
         self.offsets[1:] = counts.cumsum(0)
+        self.renders: dict[str, np.ndarray] | None = None
+        """With `renders`: rgb uint8 (N, H, W, 3) and depth float32 (N, H, W) of every view, as
+        `dfield.features.targets.render_views` gives them."""
+        if renders:
+            hw = (len(data), data.height, data.width)
+            self.renders = {"rgb": torch.cat(rgb).reshape(*hw, 3).numpy(), "depth": torch.cat(depth).reshape(hw).numpy()}
 
     def render(self, model: GridModel, rays: Rays, ids: torch.Tensor) -> torch.Tensor:
         """(R, feature_dim) features of `model` rendered along `rays` through the pixels `ids` (R,)."""
@@ -83,7 +97,8 @@ def ray_feature_loss(model: GridModel, data: Dataset, maps, rays, ids: torch.Ten
 
 def fit_features(model: GridModel, data: Dataset, maps, iterations: int = 1000, batch_rays: int = 2048,
                  lr_grid: float = 0.02, lr_network: float = 1e-3, loss: str = "l2", seed: int = 0,
-                 patch: int = 0, tv: float = 0.0, progress: Callable[[str, int, int, dict | None], None] | None = None) -> dict:
+                 patch: int = 0, tv: float = 0.0, progress: Callable[[str, int, int, dict | None], None] | None = None,
+                 pool: SamplePool | None = None) -> dict:
     """Train only the feature branch of `model` (add one first: `model.add_feature_field`) against teacher `maps`
     of `data`'s views, with Adam and learning rates decaying tenfold over the run. `patch` > 0 draws the rays as
     patch x patch pixel patches, and `tv` > 0 adds that weight times the total variation of each rendered patch.
@@ -92,6 +107,7 @@ def fit_features(model: GridModel, data: Dataset, maps, iterations: int = 1000, 
     the radiance field is frozen, so each step only evaluates the feature branch where rays see the scene.
     `progress("distill", step, iterations, {"loss": value})` is called after each step. Returns seconds (pool
     included), final loss and iterations. Every other parameter is frozen while it runs and trainable again afterwards.
+    `pool`: one already found (by a caller that also wanted the renders), used instead.
     """
     for p in model.parameters():
         p.requires_grad_(False)
@@ -101,7 +117,7 @@ def fit_features(model: GridModel, data: Dataset, maps, iterations: int = 1000, 
         p.requires_grad_(True)
     opt = torch.optim.Adam([{"params": grid, "lr": lr_grid}, {"params": net, "lr": lr_network}], betas=(0.9, 0.99))
     t0 = time.perf_counter()
-    pool = SamplePool(model, data, progress=progress)
+    pool = pool if pool is not None else SamplePool(model, data, progress=progress)
     batcher = RayBatcher(data, batch_rays, seed=seed)
     device = model.field.aabb.device
     last = float("nan")

@@ -13,6 +13,7 @@ about 130 MB instead of 3 GB for 100 views at 200 px.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,13 +95,22 @@ class WindowedMaps:
         rows = (np.minimum(self.anchor_y[y][:, None] + np.arange(ky), h - 1) * w)[:, :, None] + \
             np.minimum(self.anchor_x[x][:, None] + np.arange(kx), w - 1)[:, None, :]
         rows = rows.reshape(len(view_idx), -1).T + view_idx * (h * w)  # (Ky Kx, R)
-        cells = torch.from_numpy(self.cells.maps.reshape(n * h * w, d)[rows.reshape(-1)]).reshape(ky * kx, -1, d)
-        trim(self.cells.maps)
-        trim(self.coef)
+        flat = self._flat_cells()
+        rows = torch.from_numpy(rows)
         out = torch.zeros(len(view_idx), d)
         for k in range(ky * kx):  # one window cell at a time: a (Ky Kx, R, D) float32 copy would be 4x the fp16 one
-            out.addcmul_(c[:, k, None], cells[k].float())
+            out.addcmul_(c[:, k, None], flat.index_select(0, rows[k]).float())
+        trim(self.cells.maps)
+        trim(self.coef)
         return out
+
+    def _flat_cells(self) -> torch.Tensor:
+        """The teacher cells as one (N h w, D) tensor sharing the (read-only) mapping: torch's row gather runs on
+        every core, numpy's fancy indexing on one (12 vs 30 ms for 2048 pixels of 7 x 7 cells)."""
+        maps = self.cells.maps
+        with warnings.catch_warnings():  # read-only memory: torch warns that writes would fail; none are made
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(np.asarray(maps)).reshape(-1, maps.shape[-1])
 
     def sample(self, view_idx, u, v, device=None) -> torch.Tensor:
         """Targets at image pixel coordinates -> float32 (R, D), as `FeatureMaps.sample` on the image-resolution
