@@ -248,11 +248,14 @@ def bilateral_windows(cells: tuple[int, int], guide: torch.Tensor, sigma_space: 
     return ay, ax, coef / den[..., None, None]
 
 
-def window_anchors(cells: tuple[int, int], image: tuple[int, int], sigma_space: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(anchor_y (H,), anchor_x (W,)) of `bilateral_windows` for (h, w) `cells` and an (H, W) `image`: they depend on
-    the sizes and the radius only, so stored windows need not keep them."""
+def window_layout(cells: tuple[int, int], image: tuple[int, int],
+                  sigma_space: float) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(anchor_y (H,), anchor_x (W,), Ky, Kx) of `bilateral_windows` for (h, w) `cells` and an (H, W) `image`: they
+    depend on the sizes and the radius only, so stored windows need not keep them."""
     r = bilateral_radius(sigma_space)
-    return _window_rows(_interp_matrix(cells[0], image[0]), r)[0], _window_rows(_interp_matrix(cells[1], image[1]), r)[0]
+    ay, _, ky = _window_rows(_interp_matrix(cells[0], image[0]), r)
+    ax, _, kx = _window_rows(_interp_matrix(cells[1], image[1]), r)
+    return ay, ax, ky, kx
 
 
 def bilateral_radius(sigma_space: float) -> int:
@@ -338,16 +341,10 @@ def open_windows(raw: FeatureMaps, npy: Path, sigma_space: float, name: str = ""
     except (OSError, ValueError):
         return None
     (ww, hh), (cw, ch) = raw.image_size, raw.resolution
-    ay, ax = window_anchors((ch, cw), (hh, ww), sigma_space)
-    if coef.dtype != np.float16 or coef.shape[:3] != (len(raw), hh, ww) or coef.ndim != 5:
-        return None
-    if coef.shape[3:] != (int(_window_k(ch, hh, sigma_space)), int(_window_k(cw, ww, sigma_space))):
+    ay, ax, ky, kx = window_layout((ch, cw), (hh, ww), sigma_space)
+    if coef.dtype != np.float16 or coef.shape != (len(raw), hh, ww, ky, kx):
         return None
     return WindowedMaps(raw, coef, ay.numpy(), ax.numpy(), name or f"{raw.teacher}+bilateral", Path(npy))
-
-
-def _window_k(cells: int, pixels: int, sigma_space: float) -> int:
-    return _window_rows(_interp_matrix(cells, pixels), bilateral_radius(sigma_space))[2]
 
 
 def _bilateral_windows_cached(raw: FeatureMaps, images: np.ndarray, spec: SmoothSpec, npy: Path,
@@ -357,7 +354,7 @@ def _bilateral_windows_cached(raw: FeatureMaps, images: np.ndarray, spec: Smooth
         return found
     n, hh, ww = images.shape[:3]
     cw, ch = raw.resolution
-    shape = (n, hh, ww, _window_k(ch, hh, spec.sigma_space), _window_k(cw, ww, spec.sigma_space))
+    shape = (n, hh, ww, *window_layout((ch, cw), (hh, ww), spec.sigma_space)[2:])
     npy.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(npy) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from dfield.data.store import trim
-from dfield.features.teachers.cache import FeatureMaps
+from dfield.features.teachers.cache import FeatureMaps, sample_coords
 
 
 def apply_windows(fmap: torch.Tensor, anchor_y: torch.Tensor, anchor_x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
@@ -88,7 +88,7 @@ class WindowedMaps:
 
     def pixels(self, view_idx: np.ndarray, y: np.ndarray, x: np.ndarray) -> torch.Tensor:
         """float32 (R, D) targets at integer pixels (y, x) of views `view_idx` (all (R,) int arrays)."""
-        n, h, w, d = self.cells.maps.shape
+        _, h, w, d = self.cells.maps.shape
         ky, kx = self.coef.shape[3:]
         c = torch.from_numpy(np.asarray(self.coef[view_idx, y, x], dtype=np.float32)).reshape(len(view_idx), -1)
         # Past the edge a window's weight is 0, so any valid cell will do there (min with the last one).
@@ -115,16 +115,8 @@ class WindowedMaps:
     def sample(self, view_idx, u, v, device=None) -> torch.Tensor:
         """Targets at image pixel coordinates -> float32 (R, D), as `FeatureMaps.sample` on the image-resolution
         maps: bilinear between pixel centres ((i + 0.5, j + 0.5) is pixel (i, j) exactly), edge value beyond them."""
-        u = np.asarray(torch.as_tensor(u).detach().cpu(), dtype=np.float64).reshape(-1)
-        v = np.asarray(torch.as_tensor(v).detach().cpu(), dtype=np.float64).reshape(-1)
-        vi = np.asarray(torch.as_tensor(view_idx).detach().cpu(), dtype=np.int64).reshape(-1)
-        if vi.size == 1 and u.size != 1:
-            vi = np.full(u.shape, vi[0], dtype=np.int64)
-        if not (u.shape == v.shape == vi.shape):
-            raise ValueError(f"view_idx, u and v must have the same length, got {vi.shape}, {u.shape}, {v.shape}")
         n, hh, ww = self.coef.shape[:3]
-        if vi.size and (vi.min() < 0 or vi.max() >= n):
-            raise IndexError(f"view index out of range 0..{n - 1}")
+        vi, u, v = sample_coords(view_idx, u, v, n)
         x = np.clip(u - 0.5, 0, ww - 1)
         y = np.clip(v - 0.5, 0, hh - 1)
         x0, y0 = np.floor(x).astype(np.int64), np.floor(y).astype(np.int64)

@@ -37,6 +37,21 @@ def feature_cache_dir() -> Path:
     return default_cache_dir() / "features"
 
 
+def sample_coords(view_idx, u, v, n_views: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`sample`'s arguments as flat numpy arrays (view int64, u and v float64), an int view spread over every
+    coordinate; ValueError for unequal lengths, IndexError for a view outside 0..n_views-1."""
+    u = np.asarray(torch.as_tensor(u).detach().cpu(), dtype=np.float64).reshape(-1)
+    v = np.asarray(torch.as_tensor(v).detach().cpu(), dtype=np.float64).reshape(-1)
+    vi = np.asarray(torch.as_tensor(view_idx).detach().cpu(), dtype=np.int64).reshape(-1)
+    if vi.size == 1 and u.size != 1:
+        vi = np.full(u.shape, vi[0], dtype=np.int64)
+    if not (u.shape == v.shape == vi.shape):
+        raise ValueError(f"view_idx, u and v must have the same length, got {vi.shape}, {u.shape}, {v.shape}")
+    if vi.size and (vi.min() < 0 or vi.max() >= n_views):
+        raise IndexError(f"view index out of range 0..{n_views - 1}")
+    return vi, u, v
+
+
 @dataclass
 class FeatureMaps:
     """Teacher features of every view of a dataset: `maps` is (N, h, w, D) fp16, usually memory-mapped."""
@@ -71,16 +86,8 @@ class FeatureMaps:
         (cell centres at (k + 0.5) W / w), and coordinates beyond the outer cell centres take the edge
         value, like grid_sample(align_corners=False, padding_mode="border"). The result is on `device`
         (default CPU)."""
-        u = np.asarray(torch.as_tensor(u).detach().cpu(), dtype=np.float64).reshape(-1)
-        v = np.asarray(torch.as_tensor(v).detach().cpu(), dtype=np.float64).reshape(-1)
-        vi = np.asarray(torch.as_tensor(view_idx).detach().cpu(), dtype=np.int64).reshape(-1)
-        if vi.size == 1 and u.size != 1:
-            vi = np.full(u.shape, vi[0], dtype=np.int64)
-        if not (u.shape == v.shape == vi.shape):
-            raise ValueError(f"view_idx, u and v must have the same length, got {vi.shape}, {u.shape}, {v.shape}")
         n, h, w, _ = self.maps.shape
-        if vi.size and (vi.min() < 0 or vi.max() >= n):
-            raise IndexError(f"view index out of range 0..{n - 1}")
+        vi, u, v = sample_coords(view_idx, u, v, n)
         width, height = self.image_size
         x = np.clip(u * (w / width) - 0.5, 0, w - 1)
         y = np.clip(v * (h / height) - 0.5, 0, h - 1)
