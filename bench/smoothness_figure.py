@@ -55,6 +55,7 @@ def main(argv=None) -> None:
     test = ctxs[0].data("test")
     views = args.view_ids or np.linspace(0, len(test) - 1, args.views).round().astype(int).tolist()
     click = args.click
+    obj = None
     if args.object is not None:
         train = ctxs[0].data("train")
         names = {v: int(k) for k, v in train.object_names.items()}
@@ -72,6 +73,11 @@ def main(argv=None) -> None:
             spec = QuerySpec(click=tuple(click))
             q = make_query(c, spec)
             masks.append([view_relevance(c, q, test.cameras, i, spec.threshold).mask for i in views])
+    ious = None
+    if masks is not None and obj is not None and getattr(test, "object_ids", None) is not None:
+        # IoU over the shown views together: what the picture shows, as a number
+        truth = torch.stack([torch.as_tensor(test.object_ids[i]) == obj for i in views])
+        ious = [float((torch.stack(m) & truth).sum() / (torch.stack(m) | truth).sum().clamp(min=1)) for m in masks]
     rows = []
     for j, i in enumerate(views):
         rgb = renders[0][j].rgb.clamp(0, 1)
@@ -85,17 +91,20 @@ def main(argv=None) -> None:
     img = (torch.cat(rows, 0).numpy() * 255).round().astype(np.uint8)
     if args.scale > 1:
         img = img.repeat(args.scale, 0).repeat(args.scale, 1)
-    head = ["render"] + [f"{lab} PCA" for lab in labels] + ([f"{lab} click" for lab in labels] if masks else [])
+    clicks = [[lab, "click" + (f" (IoU {ious[k]:.2f})" if ious else "")] for k, lab in enumerate(labels)]
+    head = [["render", ""]] + [[lab, "features (PCA)"] for lab in labels] + (clicks if masks else [])
     tile_w = img.shape[1] // len(head)
-    canvas = Image.new("RGB", (img.shape[1], img.shape[0] + 14), "white")
-    canvas.paste(Image.fromarray(img), (0, 14))
+    canvas = Image.new("RGB", (img.shape[1], img.shape[0] + 26), "white")
+    canvas.paste(Image.fromarray(img), (0, 26))
     draw = ImageDraw.Draw(canvas)
-    for k, text in enumerate(head):
-        draw.text((k * tile_w + 3, 1), text, fill=(0, 0, 0))
+    for k, (line1, line2) in enumerate(head):  # two short lines: a tile is 100-200 px wide
+        draw.text((k * tile_w + 3, 1), line1, fill=(0, 0, 0))
+        draw.text((k * tile_w + 3, 13), line2, fill=(0, 0, 0))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out) as tmp:
         canvas.save(tmp, format="PNG", optimize=True)
-    print(f"views {views}" + (f", click {click}" if click else "") + f" -> {args.out}")
+    print(f"views {views}" + (f", click {click}" if click else "") + (f", IoU {[round(x, 3) for x in ious]}" if ious else "")
+          + f" -> {args.out}")
 
 
 if __name__ == "__main__":
