@@ -4,7 +4,9 @@
     python bench/fit_speed.py DATA --downscale 1 --marks 60 120 --models grid
 
 Each model is trained once, alone, with the default TrainConfig (only the data, the model and the time
-budget are set) until the last mark. After every step a hook checks whether the training time has
+budget are set) until the last mark; with --per-mark, once per mark with that mark as its budget (the default
+schedule fits itself to the budget, `TrainConfig.fit_to_budget`, so each mark then shows what a user asking for
+that many seconds gets). After every step a hook checks whether the training time has
 crossed the next mark and, if so, evaluates the test views; hooks run outside the trainer's timed span,
 so evaluation is never counted as training time. The results are printed as a table next to the
 reference figures of ../shared/PEERS.md and written, with the machine's description, to --out.
@@ -22,6 +24,9 @@ import time
 from pathlib import Path
 
 import torch
+
+# This checkout's dfield, not whichever one is installed (benchmarks run from copies of the tree too).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dfield.app.progress import ProgressBars
 from dfield.config import DataConfig, TrainConfig, to_dict
@@ -76,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "bench/results/fit_speed.json")
     p.add_argument("--keep-runs", type=Path, default=None, help="keep run folders under DIR/<model> (default: a temp dir)")
     p.add_argument("--progress", action="store_true", help="show the trainer's progress bar")
+    p.add_argument("--per-mark", action="store_true",
+                   help="train one run per mark, each with that mark as its time budget (default: one run to the last mark)")
     p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                    help="change TrainConfig settings for the grid model, e.g. grid.shrink_step=150 batch_rays=1024 "
                         "grid.upsample_steps=100,200 (for tuning; the default protocol sets none)")
@@ -198,6 +205,10 @@ def fit_one(args, model: str, run_root: Path) -> dict:
                 marks.append({"mark_s": m, **res})
                 report(marks[-1])
     stopped_by = "error" if error else "iterations" if trainer.step >= cfg.iterations else "max_seconds"
+    if trainer.budget_plan is not None:
+        p = trainer.budget_plan
+        print(f"  {model}: schedule fitted to the {cfg.max_seconds:g} s budget at step {p['step']}: "
+              f"{p['iterations_before']} -> {p['iterations']} steps ({1000 * p['seconds_per_step']:.0f} ms/step)", flush=True)
     return {
         "model": model, "train_config": to_dict(cfg), "marks": marks, "test_views": views, "n_test_views": len(views),
         "iterations": trainer.step, "seconds": round(trainer.seconds, 2), "stopped_by": stopped_by,
@@ -205,7 +216,7 @@ def fit_one(args, model: str, run_root: Path) -> dict:
         "finished_at_seconds": round(trainer.seconds, 2) if stopped_by == "iterations" else None,
         "rays_per_s": trainer.step * cfg.batch_rays / max(trainer.seconds, 1e-9),
         "peak_rss_bytes": mem.rss_bytes, "peak_rss_since_model_start": mem.rss_reset, "error": error,
-        "profile": windows,
+        "profile": windows, "budget_plan": trainer.budget_plan,
     }
 
 
@@ -315,7 +326,14 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="fit_speed_") as tmp:
         run_root = args.keep_runs or Path(tmp)
         for model in args.models:  # one at a time: they would compete for the cores
-            results[model] = fit_one(args, model, run_root)
+            if args.per_mark:
+                parts = [fit_one(argparse.Namespace(**{**vars(args), "marks": [m]}), model, run_root / f"{m:g}s")
+                         for m in args.marks]
+                results[model] = {**parts[-1], "marks": [p["marks"][0] for p in parts],
+                                  "per_mark": [{k: p[k] for k in ("iterations", "seconds", "stopped_by", "budget_plan",
+                                                                  "peak_rss_bytes")} for p in parts]}
+            else:
+                results[model] = fit_one(args, model, run_root)
     comp = comparison(results)
     print_table(args, results, comp)
     out = {

@@ -109,9 +109,16 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 25
     max_seconds: float = 0.0
-    """Stop after this many seconds of training (0: no limit). Evaluation time is not counted. Schedules and
-    learning rates still follow steps: decaying them over the budget instead was measured worse (lego 100 px,
-    150 s: 28.4 dB vs 29.9)."""
+    """Stop after this many seconds of training (0: no limit). Evaluation time is not counted. With fit_to_budget the
+    schedule is fitted to the budget; the grid's coarse-to-fine steps stay counted in steps."""
+    fit_to_budget: bool = True
+    """With max_seconds: once the grid's structure has settled, time the steps and move `iterations` so the
+    learning-rate schedule ends at the budget (continuing from where it is), instead of ending early and idling or
+    being cut before it has decayed. Off when `iterations` was changed from its default (then it is what you asked).
+    Lego 100 px, budgets 150 / 300 / 600 s: README "Measured figures"."""
+    lr_anchor: tyro.conf.Suppress[tuple[int, float]] = (0, 0.0)
+    """(step, fraction of the learning-rate decay done there) where fit_to_budget moved `iterations`: the decay
+    continues from that fraction over the new remaining steps, so the rate does not jump. (0, 0.0): not moved."""
     seed: int = 0
     device: str = "cpu"
     threads: int = 0

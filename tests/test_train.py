@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dfield.config import to_dict
+from dfield.config import TrainConfig, to_dict
 from dfield.errors import TrainingDiverged
 from dfield.io.checkpoint import latest_checkpoint
 from dfield.io.run import SceneInfo, build_model, load_config, load_eval_data, open_run
@@ -249,6 +249,44 @@ def test_max_seconds_stops_early_and_checkpoints(tiny_scene, tiny_train_config, 
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["step"] == trainer.step and meta["seconds"] == pytest.approx(trainer.seconds, abs=0.5)
     assert Trainer.resume(tmp_path / "run").step == trainer.step
+    assert trainer.budget_plan is None  # --iterations was set: the budget only stops the run
+
+
+def test_schedule_fitted_to_the_time_budget(tiny_scene, tiny_train_config, tmp_path, monkeypatch):
+    import dfield.training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "BUDGET_WINDOW", 20)
+    cfg = tiny_train_config(tiny_scene, iterations=TrainConfig.iterations, max_seconds=6.0, log_every=100_000)
+    trainer = Trainer.create(cfg, tmp_path / "run")
+    moves, state = [], {"anchor": (0, 0.0), "n": TrainConfig.iterations}
+
+    def fraction(anchor, n, step):  # the decay of the schedule as it was before a move
+        k0, f0 = anchor
+        return step / n if k0 == 0 else f0 + (1 - f0) * (step - k0) / (n - k0)
+
+    def watch(t: Trainer) -> None:
+        if t.cfg.lr_anchor != state["anchor"]:  # moved at this step: record the old schedule's fraction here
+            k0, f0 = t.cfg.lr_anchor
+            moves.append((k0, f0, t.cfg.iterations, fraction(state["anchor"], state["n"], k0)))
+        state.update(anchor=t.cfg.lr_anchor, n=t.cfg.iterations)
+
+    trainer.train(hooks=[watch])
+    plan = trainer.budget_plan
+    # Timed from 50 steps after the last reshape (upsample at 20), for 20 steps, then again every 20 steps.
+    assert plan is not None and plan["first_step"] == 90 and plan["iterations_before"] == TrainConfig.iterations
+    assert moves[0][:2] == (90, pytest.approx(90 / TrainConfig.iterations))
+    assert all(b[0] - a[0] == 20 for a, b in zip(moves, moves[1:]))
+    for k0, f0, n, before in moves:  # each move goes on with the decay from where the old schedule had it: no jump
+        assert f0 == pytest.approx(before) and n > k0
+    n = trainer.cfg.iterations
+    assert trainer.lr_fraction(n) == 1.0 and trainer.lr_fraction(plan["step"]) < trainer.lr_fraction(plan["step"] + 1)
+    # It stopped at the fitted end (or, on a machine slower than it timed, at the budget).
+    assert trainer.step == n or trainer.seconds >= 6.0
+    saved = load_config(tmp_path / "run" / "config.json")
+    assert saved.iterations == n and saved.lr_anchor == trainer.cfg.lr_anchor
+    resumed = Trainer.resume(tmp_path / "run")  # continues the fitted schedule
+    assert resumed.cfg.iterations == n and resumed.lr_fraction(n - 1) == trainer.lr_fraction(n - 1)
+    assert resumed._budget_timing_start() is not None
 
 
 # ------------------------------------------------------------------------------ evaluation

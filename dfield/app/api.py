@@ -135,12 +135,15 @@ def _fit(start, run_eval: bool, progress: bool, view: tuple[str, int] | None = N
         trainer.train(hooks=hooks, progress=bars)
     console.print(f"trained {trainer.step} steps in {trainer.seconds:.1f} s; last batch PSNR "
                   f"{trainer.last.get('psnr', float('nan')):.2f} dB")
-    budget = trainer.cfg.max_seconds
+    budget, plan = trainer.cfg.max_seconds, trainer.budget_plan
+    if plan is not None:
+        console.print(f"schedule fitted to the {budget:.0f} s budget: {plan['iterations_before']} -> {plan['iterations']} "
+                      f"steps at step {plan['step']} ({1000 * plan['seconds_per_step']:.0f} ms per step)", highlight=False)
     if budget and trainer.step >= trainer.cfg.iterations and trainer.seconds < 0.9 * budget:
         more = int(trainer.cfg.iterations * budget / max(trainer.seconds, 1e-9)) // 500 * 500
         console.print(f"[yellow]the {trainer.cfg.iterations}-step schedule ended at {trainer.seconds:.0f} s of the "
-                      f"{budget:.0f} s budget: about --iterations {more} would use it all (lego 100 px, 600 s: 8000 "
-                      f"steps gave 34.05 dB where 4500 gave 33.4)[/yellow]", highlight=False)
+                      f"{budget:.0f} s budget: about --iterations {more} would use it all, or leave --iterations at "
+                      f"its default and the schedule is fitted to the budget (--fit-to-budget)[/yellow]", highlight=False)
     if run_eval:
         evaluate(trainer.run_dir, device=cfg.device)
     if viewer is not None:

@@ -30,6 +30,10 @@ class Schedule:
         """Called before training step `step` (0-based); changes `model` in place and says what changed."""
         return ScheduleStep()
 
+    def settled_step(self) -> int:
+        """The step after which the model's structure no longer changes (steps then cost about the same)."""
+        return 0
+
 
 class Restructurable(Protocol):
     """What the grid schedule changes: a model with an occupancy grid, a box that can shrink, a resizable grid."""
@@ -70,6 +74,10 @@ class GridSchedule(Schedule):
         k = len(c.upsample_steps)
         a, b = math.log(c.voxels_init), math.log(c.voxels_final)
         return int(round(math.exp(a + (b - a) * n_upsamples / k))) if k else c.voxels_init
+
+    def settled_step(self) -> int:
+        """The last upsample or the box shrink, whichever comes later (occupancy updates go on, at a steady rate)."""
+        return max((*self.cfg.upsample_steps, self.cfg.shrink_step))
 
     def occupancy_due(self, step: int) -> bool:
         """Whether empty space is re-marked before `step`: from `occupancy_start` on, every `occupancy_every` steps

@@ -61,6 +61,14 @@ from dfield.training.parallel import Stream, gather_stream_states, make_streams,
 
 Progress = Callable[[str, int, int, dict | None], None]
 
+BUDGET_WINDOW = 250
+"""fit_to_budget times this many steps (a whole cycle of the grid's late occupancy updates) before it moves the
+iterations, and again before every later move."""
+BUDGET_MARGIN = 1.0
+"""Share of the budget's remaining seconds the fitted schedule plans for. All of it: a run the budget cuts a few
+percent before its last step has decayed its rates nearly as far (0.1^0.95 = 0.11 of the start, not 0.10), while
+one that ends early leaves seconds unused (0.95 ended lego's 300 s budget at 273 s)."""
+
 
 def _check_feature_options(cfg: TrainConfig) -> None:
     """Bad smoothing / patch settings fail before anything is read or written; "auto" smoothing is resolved (to
@@ -116,6 +124,8 @@ class Trainer:
         self.targets = None  # smoothed teacher maps (features.smooth), made when the features start
         self.progress = progress
         self._missed: tuple[PixelRuns, PixelRuns] | None = None
+        self._budget_timing: tuple[int, float] | None = None  # (step, seconds) where fit_to_budget started timing
+        self.budget_plan: dict | None = None  # what fit_to_budget did in this process (step, seconds_per_step, ...)
         if cfg.features.teacher and cfg.features.method != "lift":  # lifted features are a fixed grid: nothing to fit
             teacher = teacher or make_teacher(cfg.features.teacher)
             self.teacher_maps = cached_features(teacher, data, feature_cache_dir(), progress=progress)
@@ -236,15 +246,66 @@ class Trainer:
         self.step, self.seconds, self.last = meta["step"], meta["seconds"], meta.get("last", {})
 
     # -- training -------------------------------------------------------------------------------
+    def lr_fraction(self, step: int) -> float:
+        """How much of the learning-rate decay is done at `step`, in [0, 1]: step / iterations, or, once fit_to_budget
+        has last moved the iterations at (k0, f0) = `cfg.lr_anchor`, f0 + (1 - f0) (step - k0) / (iterations - k0)
+        from k0 on (before k0: f0 step / k0, a straight line in place of the history it does not keep)."""
+        n = max(1, self.cfg.iterations)
+        k0, f0 = self.cfg.lr_anchor
+        if k0 > 0:
+            return f0 * step / k0 if step < k0 else min(1.0, f0 + (1.0 - f0) * (step - k0) / max(1, n - k0))
+        return min(1.0, step / n)
+
     def _set_lr(self) -> None:
         n, start = max(1, self.cfg.iterations), self.cfg.features.start_step
         for g in self.optimizer.param_groups:
             if g.get("name", "").startswith("feature_") and start > 0:
                 # Radiance first: the feature branch decays over its own steps, from its full rate at start_step.
-                frac = max(0, self.step - start) / max(1, n - start)
+                frac = min(1.0, max(0, self.step - start) / max(1, n - start))
             else:
-                frac = self.step / n
-            g["lr"] = g["initial_lr"] * self.cfg.lr_final_ratio ** min(frac, 1.0)
+                frac = self.lr_fraction(self.step)
+            g["lr"] = g["initial_lr"] * self.cfg.lr_final_ratio ** frac
+
+    def _budget_timing_start(self) -> int | None:
+        """The step from which fit_to_budget times the steps (the model's structure and the features have settled),
+        or None when the schedule is not fitted to a budget."""
+        c = self.cfg
+        fitted = c.lr_anchor[0] > 0  # moved before (in this process or before a resume): keep it fitted
+        if not (c.max_seconds > 0 and c.fit_to_budget and (fitted or c.iterations == TrainConfig.iterations)):
+            return None
+        settled = self.model.schedule.settled_step()
+        if self.teacher_maps is not None:
+            settled = max(settled, c.features.start_step)
+        return settled + 50  # past the slow steps right after a reshape
+
+    def _fit_to_budget(self) -> None:
+        """fit_to_budget: once the structure has settled, time every BUDGET_WINDOW steps and move `iterations` so the
+        schedule ends at the budget at the rate just measured, the learning-rate decay going on from where it is
+        (`lr_fraction`). Timing again and again follows a machine whose speed drifts (a one-off estimate at step
+        1300 left lego's 600 s budget 12 % of its steps short); the last window's moves are left alone."""
+        start = self._budget_timing_start()
+        if start is None or self.step < start:
+            return
+        if self._budget_timing is None:  # every process passes here at the same step
+            self._budget_timing = (self.step, self.seconds)
+            return
+        s0, t0 = self._budget_timing
+        if self.step - s0 < BUDGET_WINDOW or self.cfg.iterations - self.step < BUDGET_WINDOW:
+            return
+        per_step = max(self.seconds - t0, 1e-9) / (self.step - s0)
+        left = max(0.0, self.cfg.max_seconds - self.seconds)
+        # Rank 0's clock decides, as for the time budget itself: every process must take the same steps.
+        n = ranks.broadcast_object(self.step + max(1, int(BUDGET_MARGIN * left / per_step)))
+        self._budget_timing = (self.step, self.seconds)
+        old = self.cfg.iterations
+        self.cfg.lr_anchor = (self.step, self.lr_fraction(self.step))
+        self.cfg.iterations = n
+        first = self.budget_plan["first_step"] if self.budget_plan else self.step
+        before = self.budget_plan["iterations_before"] if self.budget_plan else old
+        self.budget_plan = {"first_step": first, "step": self.step, "seconds_per_step": per_step,
+                            "iterations_before": before, "iterations": n}
+        if ranks.is_main():  # a resumed run continues the fitted schedule
+            save_config(self.cfg, self.run_dir / "config.json")
 
     def _restrict_rays_to_box(self) -> None:
         """Once the box has shrunk to the object, rays that miss it only ever see background: skip them.
@@ -434,6 +495,7 @@ class Trainer:
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations:
                     self.save()
                 self.seconds += time.perf_counter() - t0
+                self._fit_to_budget()
                 logged = None
                 if self.step % cfg.log_every == 0 or self.step == cfg.iterations:
                     self.last = {"step": self.step, "loss": stats["loss"], "psnr": psnr_from_mse(stats["mse"]),
