@@ -287,6 +287,9 @@ def test_schedule_fitted_to_the_time_budget(tiny_scene, tiny_train_config, tmp_p
     resumed = Trainer.resume(tmp_path / "run")  # continues the fitted schedule
     assert resumed.cfg.iterations == n and resumed.lr_fraction(n - 1) == trainer.lr_fraction(n - 1)
     assert resumed._budget_timing_start() is not None
+    asked = Trainer.resume(tmp_path / "run", iterations=n + 100)  # steps of one's own: no longer moved
+    assert asked._budget_timing_start() is None and asked.lr_fraction(n + 100) == 1.0
+    assert asked.lr_fraction(plan["step"]) == pytest.approx(trainer.cfg.lr_anchor[1])
 
 
 # ------------------------------------------------------------------------------ evaluation

@@ -179,6 +179,7 @@ class Trainer:
             cfg.features.smooth = ""
         if iterations is not None:
             cfg.iterations = iterations
+            cfg.fit_to_budget = False  # steps asked for are kept (a fitted decay goes on from its anchor to them)
         if max_seconds is not None:
             cfg.max_seconds = max_seconds
         data = ranks.main_first(lambda: load_train_data(cfg), local=True)
