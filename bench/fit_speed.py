@@ -206,9 +206,7 @@ def fit_one(args, model: str, run_root: Path) -> dict:
                 report(marks[-1])
     stopped_by = "error" if error else "iterations" if trainer.step >= cfg.iterations else "max_seconds"
     if trainer.budget_plan is not None:
-        p = trainer.budget_plan
-        print(f"  {model}: schedule fitted to the {cfg.max_seconds:g} s budget at step {p['step']}: "
-              f"{p['iterations_before']} -> {p['iterations']} steps ({1000 * p['seconds_per_step']:.0f} ms/step)", flush=True)
+        print(f"  {model}: {trainer.budget_plan_text()}", flush=True)
     return {
         "model": model, "train_config": to_dict(cfg), "marks": marks, "test_views": views, "n_test_views": len(views),
         "iterations": trainer.step, "seconds": round(trainer.seconds, 2), "stopped_by": stopped_by,

@@ -249,7 +249,7 @@ def test_max_seconds_stops_early_and_checkpoints(tiny_scene, tiny_train_config, 
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["step"] == trainer.step and meta["seconds"] == pytest.approx(trainer.seconds, abs=0.5)
     assert Trainer.resume(tmp_path / "run").step == trainer.step
-    assert trainer.budget_plan is None  # --iterations was set: the budget only stops the run
+    assert trainer.budget_plan is None and trainer.budget_plan_text() is None  # --iterations set: the budget only stops
 
 
 def test_schedule_fitted_to_the_time_budget(tiny_scene, tiny_train_config, tmp_path, monkeypatch):
@@ -279,6 +279,7 @@ def test_schedule_fitted_to_the_time_budget(tiny_scene, tiny_train_config, tmp_p
     for k0, f0, n, before in moves:  # each move goes on with the decay from where the old schedule had it: no jump
         assert f0 == pytest.approx(before) and n > k0
     n = trainer.cfg.iterations
+    assert f"{TrainConfig.iterations} -> {n} steps" in trainer.budget_plan_text()
     assert trainer.lr_fraction(n) == 1.0 and trainer.lr_fraction(plan["step"]) < trainer.lr_fraction(plan["step"] + 1)
     # It stopped at the fitted end (or, on a machine slower than it timed, at the budget).
     assert trainer.step == n or trainer.seconds >= 6.0

@@ -135,10 +135,9 @@ def _fit(start, run_eval: bool, progress: bool, view: tuple[str, int] | None = N
         trainer.train(hooks=hooks, progress=bars)
     console.print(f"trained {trainer.step} steps in {trainer.seconds:.1f} s; last batch PSNR "
                   f"{trainer.last.get('psnr', float('nan')):.2f} dB")
-    budget, plan = trainer.cfg.max_seconds, trainer.budget_plan
+    budget, plan = trainer.cfg.max_seconds, trainer.budget_plan_text()
     if plan is not None:
-        console.print(f"schedule fitted to the {budget:.0f} s budget: {plan['iterations_before']} -> {plan['iterations']} "
-                      f"steps at step {plan['step']} ({1000 * plan['seconds_per_step']:.0f} ms per step)", highlight=False)
+        console.print(plan, highlight=False)
     if budget and trainer.step >= trainer.cfg.iterations and trainer.seconds < 0.9 * budget:
         more = int(trainer.cfg.iterations * budget / max(trainer.seconds, 1e-9)) // 500 * 500
         console.print(f"[yellow]the {trainer.cfg.iterations}-step schedule ended at {trainer.seconds:.0f} s of the "

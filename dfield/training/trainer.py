@@ -267,6 +267,14 @@ class Trainer:
                 frac = self.lr_fraction(self.step)
             g["lr"] = g["initial_lr"] * self.cfg.lr_final_ratio ** frac
 
+    def budget_plan_text(self) -> str | None:
+        """One line on what fit_to_budget did in this process (None when it did nothing), for the CLI and benchmarks."""
+        p = self.budget_plan
+        if p is None:
+            return None
+        return (f"schedule fitted to the {self.cfg.max_seconds:g} s budget: {p['iterations_before']} -> {p['iterations']} "
+                f"steps, last at step {p['step']} ({1000 * p['seconds_per_step']:.0f} ms per step)")
+
     def _budget_timing_start(self) -> int | None:
         """The step from which fit_to_budget times the steps (the model's structure and the features have settled),
         or None when the schedule is not fitted to a budget."""
