@@ -407,12 +407,37 @@ def test_grid_model_rays_that_miss_see_exactly_the_background():
     assert out["acc"][3] > 0
 
 
+def _on_lattice(density, aabb, axes):
+    """`density` (of world points) at the lattice of box coordinates `axes`, as density_on_lattice gives it."""
+    u = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
+    return density((aabb[0] + u * (aabb[1] - aabb[0])).reshape(-1, 3)).view(u.shape[:3])
+
+
+@pytest.mark.parametrize("contracted", [False, True])
+def test_occupancy_from_the_lattice_matches_reading_the_field_by_points(contracted):
+    from dfield.core.contraction import Contraction
+
+    torch.manual_seed(0)
+    cfg = GridModelConfig(field=dataclasses.replace(TINY_FIELD, density_shift=-12.0, init_scale=1.5), voxels_init=12**3)
+    model = GridModel(BOX, 0.1, 10.0, BACKGROUND, cfg, contraction=Contraction("inf") if contracted else None)
+    model.field.resize((9, 13, 11))  # not a cube: each axis its own resolution
+    model.update_occupancy()
+    lattice = model.occupancy
+    points = OccupancyGrid(model.field.aabb, lattice.resolution, model.contraction)
+    points.update(model.field.density, model.step, cfg.occupancy_threshold)
+    assert 0.05 < lattice.occupied.float().mean() < 0.95  # a mixed grid, so the comparison means something
+    assert torch.equal(lattice.occupied, points.occupied)
+    sigma = model.field.density_on_lattice(lattice.lattice_axes()).reshape(-1)
+    torch.testing.assert_close(sigma, model.field.density(lattice.cell_centers()), atol=1e-4, rtol=1e-4)
+
+
 def test_grid_model_schedule_upsamples_and_shrinks():
     model = _tiny_grid_model()
     model.cfg.occupancy_start, model.cfg.occupancy_every, model.cfg.shrink_step = 2, 2, 4
     res0 = model.field.res
-    # Density only in a ball, so the box has somewhere to shrink to.
+    # Density only in a ball, so the box has somewhere to shrink to (read by points and on lattices alike).
     model.field.density = lambda x: 50.0 * ((x - 0.2).norm(dim=-1) < 0.3).float()
+    model.field.density_on_lattice = lambda axes: _on_lattice(model.field.density, model.field.aabb, axes)
     steps = [model.schedule.before_step(model, s) for s in range(12)]
     changed = [c.reshaped for c in steps]
     assert changed[4] and changed[10]  # shrink at 4, upsample at 10: the optimiser must be rebuilt

@@ -67,16 +67,29 @@ class OccupancyGrid:
         centres = cell_centers(self.aabb, (self.resolution,) * 3)
         return centres if self.contraction is None else self.contraction.inverse(centres)
 
+    def lattice_axes(self) -> list[torch.Tensor]:
+        """The cell centres as three 1D coordinate tensors in [0, 1] across the box (the grid is their product):
+        what a separable field needs to compute densities on the whole grid at once (`mark`)."""
+        ax = (torch.arange(self.resolution, device=self.aabb.device, dtype=torch.float32) + 0.5) / self.resolution
+        return [ax, ax, ax]
+
     @torch.no_grad()
     def update(self, density_fn, step: float, threshold: float = 1e-4, chunk: int = 2**18, dilate: int = 1) -> float:
-        """Re-mark cells from the field's density at their centres. Returns the occupied fraction.
+        """Re-mark cells from the field's density at their centres (`density_fn`: (N, 3) world points -> (N,)).
+        Returns the occupied fraction (see `mark`)."""
+        pts = self.cell_centers()
+        sigma = torch.cat([density_fn(p) for p in pts.split(chunk)])
+        return self.mark(sigma.reshape((self.resolution,) * 3), step, threshold, dilate)
+
+    @torch.no_grad()
+    def mark(self, sigma: torch.Tensor, step: float, threshold: float = 1e-4, dilate: int = 1) -> float:
+        """Re-mark cells from densities at their centres, (res, res, res) (`lattice_axes` order). Returns the
+        occupied fraction.
 
         A cell is kept when a step of length `step` through it would be at least `threshold` opaque,
         then the mask is dilated so thin structures between cell centres are not cut.
         """
-        pts = self.cell_centers()
-        alpha = torch.cat([1 - torch.exp(-density_fn(p) * step) for p in pts.split(chunk)])
-        occ = alpha.reshape((self.resolution,) * 3)
+        occ = 1 - torch.exp(-sigma * step)
         if dilate > 0:
             k = 2 * dilate + 1
             occ = F.max_pool3d(occ[None, None], k, stride=1, padding=dilate)[0, 0]

@@ -37,6 +37,7 @@ from dfield.config import to_dict
 from dfield.core.grids import voxel_res
 from dfield.core.image_rendering import ndc_of, render_image
 from dfield.core.metrics import peak_rss_bytes, psnr_from_mse
+from dfield.core.optimizers import adam
 from dfield.core.rays import field_rays
 from dfield.edit.build import EditedModel, make_selection, select_query
 from dfield.edit.guidance import EditedViews, Exemplar, Guidance, TextGuidance, swatch
@@ -410,7 +411,7 @@ def train_edit(ctx: GuideContext, guidance: Guidance, edit: EditField, deform: D
     """Train the edit (and deformation) fields of `ctx.field` for `cfg.steps` steps (from `start_step`, with a
     saved optimiser state when resuming). Returns the last step's figures; calls `on_checkpoint(step, optimizer,
     seconds, figures)` every `cfg.checkpoint_every` steps and at the end, `log(figures)` every `cfg.log_every`."""
-    opt = torch.optim.Adam(param_groups(edit, deform, cfg), betas=(0.9, 0.99))
+    opt = adam(param_groups(edit, deform, cfg), betas=(0.9, 0.99))
     if optimizer_state is not None:
         tensors, groups = optimizer_state
         restore_optimizer(opt, tensors, saved_groups(opt, groups), device=ctx.device)

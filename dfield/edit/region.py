@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dfield.core.grids import cell_centers, cell_index, voxel_res
+from dfield.core.optimizers import adam
 from dfield.core.rays import Rays, camera_image_rays
 from dfield.core.rendering import RenderSettings, scatter_samples, weights_from_density
 from dfield.core.sampling import march, ray_aabb
@@ -255,7 +256,7 @@ def distill_attention(attention: AttentionField, samples: RegionSamples, targets
     if samples.n_rays == 0 or steps <= 0:
         return {"steps": 0}
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam([attention.logits], lr=lr)
+    opt = adam([attention.logits], lr=lr, betas=(0.9, 0.999))
     stats = {}
     for step in range(steps):
         rays = torch.randint(samples.n_rays, (min(batch, samples.n_rays),), generator=g)

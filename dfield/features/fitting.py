@@ -12,6 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from dfield.core.optimizers import adam
 from dfield.core.rays import RayBatcher, Rays, pixel_coords
 from dfield.core.rendering import VisibleSamples, composite_samples, render_field, visible_samples
 from dfield.data.dataset import Dataset
@@ -115,7 +116,7 @@ def fit_features(model: GridModel, data: Dataset, maps, iterations: int = 1000, 
     net = list(model.field.feature_basis.parameters()) + list(model.decoder.parameters())
     for p in grid + net:
         p.requires_grad_(True)
-    opt = torch.optim.Adam([{"params": grid, "lr": lr_grid}, {"params": net, "lr": lr_network}], betas=(0.9, 0.99))
+    opt = adam([{"params": grid, "lr": lr_grid}, {"params": net, "lr": lr_network}], betas=(0.9, 0.99))
     t0 = time.perf_counter()
     pool = pool if pool is not None else SamplePool(model, data, progress=progress)
     batcher = RayBatcher(data, batch_rays, seed=seed)

@@ -136,6 +136,13 @@ class TensoRFField(nn.Module):
         feat = self.density_vol(self.normalize(x)).sum(-1)
         return F.softplus(feat + self.cfg.density_shift) * self.cfg.density_scale
 
+    def density_on_lattice(self, axes: list[torch.Tensor]) -> torch.Tensor:
+        """Densities at every point of a lattice in box coordinates: axes are three 1D tensors in [0, 1] (lengths
+        X, Y, Z, as `normalize` gives them) -> (X, Y, Z), what `density` gives at those points, at the cost of a few
+        matrix products (`VMVolume.summed_on_lattice`)."""
+        feat = self.density_vol.summed_on_lattice(axes)
+        return F.softplus(feat + self.cfg.density_shift) * self.cfg.density_scale
+
     def app_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3) world points -> (N, app_dim) appearance features, the colour MLP's input."""
         return self.basis(self.app_vol(self.normalize(x)))

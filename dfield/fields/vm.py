@@ -134,6 +134,13 @@ def _linear_rows(u: torch.Tensor, res: int) -> tuple[torch.Tensor, torch.Tensor]
     return torch.stack([i0, i0 + 1], -1), torch.stack([1 - f, f], -1)
 
 
+def _interpolation_matrix(u: torch.Tensor, res: int) -> torch.Tensor:
+    """(N, res) linear interpolation weights of coordinates u (N,) in [0, 1] on `res` nodes, as `_linear_rows`
+    (and each axis of `_bilinear_rows`) reads them."""
+    rows, w = _linear_rows(u, res)
+    return u.new_zeros(len(u), res).scatter_add_(1, rows, w)
+
+
 def _offsets(res: tuple[int, int, int]) -> tuple[list[int], list[int]]:
     """Where each plane's and each line's rows start in the shared tables."""
     plane_sizes = [res[a] * res[b] for a, b in PLANE_AXES]
@@ -223,6 +230,35 @@ class VMVolume(nn.Module):
         planes = gather_rows(self.planes, prow, pw)
         lines = gather_rows(self.lines, lrow, lw)
         return products(planes, lines, self.n_comp)
+
+    def summed_on_lattice(self, axes: list[torch.Tensor]) -> torch.Tensor:
+        """The sum of all channels at every point of a lattice: axes are three 1D coordinate tensors in [0, 1]
+        (lengths X, Y, Z) -> (X, Y, Z), what `forward(u).sum(-1)` gives at the lattice's points.
+
+        Why: a VM volume is separable, so a whole lattice costs three plane resamplings and three matrix
+        products instead of one read per point (the occupancy grid of a 118^3 box: 0.8 s by points, a few ms so).
+
+        .. math::
+            s(x, y, z) = \sum_c P^{xy}_c(x, y) L^z_c(z) + P^{xz}_c(x, z) L^y_c(y) + P^{yz}_c(y, z) L^x_c(x)
+
+        Example:
+            >>> vol = VMVolume(4, (5, 6, 7))
+            >>> axes = [torch.linspace(0, 1, n) for n in (3, 4, 5)]
+            >>> pts = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+            >>> torch.allclose(vol.summed_on_lattice(axes).reshape(-1), vol(pts).sum(-1), atol=1e-5)
+            True
+        """
+        weights = [_interpolation_matrix(ax, r) for ax, r in zip(axes, self.res)]
+        n = [len(ax) for ax in axes]
+        total = self.planes.new_zeros(n)
+        grids = self.plane_grids()
+        for k, ((a, b), c) in enumerate(zip(PLANE_AXES, LINE_AXES)):
+            plane = torch.einsum("ia,cab,jb->ijc", weights[a], grids[k], weights[b])  # (n_a, n_b, C)
+            line = weights[c] @ grids[3 + k].T  # (n_c, C)
+            s = (plane.reshape(-1, self.n_comp) @ line.T).view(n[a], n[b], n[c])
+            # Back to (x, y, z) order from (a, b, c).
+            total = total + s.permute(*[(a, b, c).index(i) for i in range(3)])
+        return total
 
     def plane_grids(self) -> list[torch.Tensor]:
         """The planes as (C, ra, rb) images and lines as (C, rc) signals, for resampling and regularisers."""

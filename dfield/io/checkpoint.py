@@ -92,4 +92,7 @@ def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tenso
         if key.startswith("optim."):
             _, pid, k = key.split(".", 2)
             state.setdefault(int(pid), {})[k] = v if k == "step" else v.to(device)
+    # The kernel choice is this optimiser's, not the checkpoint's: one written before Adam was fused, or on another
+    # device, must not carry its choice over.
+    groups = [{**saved, **{k: own[k] for k in ("fused", "foreach") if k in own}} for saved, own in zip(groups, opt.param_groups)]
     opt.load_state_dict({"state": state, "param_groups": groups})

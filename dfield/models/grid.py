@@ -125,7 +125,9 @@ class GridModel(Model):
         resampled over it with the same voxel count, so the resolution gets finer."""
         res = tuple(min(r, self.cfg.occupancy_max_res) for r in self.field.res)
         grid = OccupancyGrid(self.field.aabb, max(res), self.contraction)
-        frac = grid.update(self.field.density, self.step, self.cfg.occupancy_threshold)
+        # The grid spans the field's box (contracted cube included), so its cell centres are a lattice of the
+        # field's box coordinates: densities for all of them at once (0.8 s -> a few ms at 118^3 cells).
+        frac = grid.mark(self.field.density_on_lattice(grid.lattice_axes()), self.step, self.cfg.occupancy_threshold)
         if shrink and self.contraction is None:
             box = grid.occupied_aabb()
             # Keep a margin of two cells so surfaces near the edge are not clipped.

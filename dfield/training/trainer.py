@@ -22,6 +22,7 @@ import torch
 from dfield.config import TrainConfig, apply_scene_defaults, to_dict
 from dfield.core import ranks
 from dfield.core.metrics import peak_rss_bytes, psnr_from_mse
+from dfield.core.optimizers import adam
 from dfield.core.pixels import PixelRuns
 from dfield.core.profiling import PROFILER
 from dfield.core.rays import dataset_rays, pixel_coords
@@ -201,7 +202,7 @@ class Trainer:
         groups = self.model.param_groups()
         for g in groups:
             g["initial_lr"] = g["lr"]
-        return torch.optim.Adam(groups, betas=(0.9, 0.99))
+        return adam(groups, betas=(0.9, 0.99))
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self) -> Path | None:
