@@ -43,7 +43,7 @@ class OccupancyGrid:
         if self.contraction is not None:
             pts = self.contraction(pts)
         flat, inside = cell_index(pts, self.aabb, (self.resolution,) * 3)
-        return self.occupied.reshape(-1)[flat] & inside
+        return self.occupied.reshape(-1).index_select(0, flat) & inside
 
     def coarse(self, factor: int = 4) -> "OccupancyGrid":
         """A grid `factor` times coarser, occupied wherever a fine occupied cell lies and grown by one cell, so a
@@ -130,6 +130,7 @@ class RaySamples:
     # each ray's step in those units (R, 1): what the distortion loss measures (`dfield.core.rendering`).
     s: torch.Tensor | None = None
     ds: torch.Tensor | None = None
+    flat: torch.Tensor | None = None  # (M,) the masked samples' indices into the flattened (R, S) layout, in mask order
 
 
 @dataclass
@@ -195,27 +196,31 @@ def march_window(rays: Rays, plan: MarchPlan, j0: int, j1: int, occupancy: Occup
         origins, directions = rays.origins, rays.directions
     k = k0[:, None] + torch.arange(j0, j1, device=origins.device, dtype=torch.float32)
     t = plan.near + (k + offset) * plan.step
-    mask = hit[:, None] & (t >= t_in[:, None]) & (t < t_out[:, None])
+    inside = hit[:, None] & (t >= t_in[:, None]) & (t < t_out[:, None])
     s = t
     if knee is not None:
         t = unwarp(s, knee[:, None], unit[:, None])
-    ray_index = mask.nonzero()[:, 0]
-    positions = origins[ray_index] + directions[ray_index] * t[mask][:, None]
+    # One nonzero, then index_select: boolean indexing runs a nonzero per use and advanced indexing is a slower
+    # gather on a CPU; together they were half the march (9.7 -> 6.4 ms per lego batch).
+    n = t.shape[1]
+    flat = inside.view(-1).nonzero().squeeze(1)
+    ray_index = flat // n
+    t_flat = t.view(-1).index_select(0, flat)[:, None]
+    positions = origins.index_select(0, ray_index) + directions.index_select(0, ray_index) * t_flat
     if occupancy is not None and len(positions):
-        keep = occupancy.query(positions)
-        mask = mask.clone()
-        mask[mask.clone()] = keep
-        ray_index, positions = ray_index[keep], positions[keep]
+        keep = occupancy.query(positions).nonzero().squeeze(1)
+        flat, ray_index, positions = flat.index_select(0, keep), ray_index.index_select(0, keep), positions.index_select(0, keep)
+    mask = torch.zeros(t.numel(), dtype=torch.bool, device=t.device).index_fill_(0, flat, True).view(t.shape)
     # Step length in the ray's own units: with unit directions this is the world distance.
     dt = torch.full_like(t, plan.step) * directions.norm(dim=-1, keepdim=True)
     s_norm = ds = None
     if knee is not None:
         if len(positions):
-            dt[mask] = _contracted_lengths(plan, s[mask], knee[ray_index], unit[ray_index], origins[ray_index],
-                                           directions[ray_index])
+            dt.view(-1)[flat] = _contracted_lengths(plan, s.reshape(-1)[flat], knee[ray_index], unit[ray_index],
+                                                    origins[ray_index], directions[ray_index])
         span = (knee + unit - plan.near)[:, None]  # the warped length of a whole ray
         s_norm, ds = (s - plan.near) / span, plan.step / span
-    return RaySamples(t=t, dt=dt, mask=mask, positions=positions, ray_index=ray_index, s=s_norm, ds=ds)
+    return RaySamples(t=t, dt=dt, mask=mask, positions=positions, ray_index=ray_index, s=s_norm, ds=ds, flat=flat)
 
 
 def _contracted_lengths(plan: MarchPlan, s: torch.Tensor, knee: torch.Tensor, unit: torch.Tensor, o: torch.Tensor,
