@@ -27,6 +27,7 @@ Scores, per object and as means over the objects (ground excluded):
   mIoU              every held-out pixel labelled with the object whose prototype (mean decoded field feature over
                     the object in its prompt view) is nearest (cosine from the prototypes' mean), empty pixels as
                     background, against the true ids
+  seg. boundary F   boundary F of that segmentation, per object over the held-out views (within 2 px), ground excluded
 plus seconds of distillation (masks and smoothing included) and its peak RSS. Rows merge into --out (JSON).
 """
 
@@ -45,11 +46,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # selection_objects.py beside this script
 
-from selection_objects import selection_iou_per_object
+from selection_objects import GROUND, selection_iou_per_object
 
 from dfield.app import api
 from dfield.config import TrainConfig
-from dfield.core.metrics import miou
+from dfield.core.metrics import boundary_f, miou
 from dfield.data.generate import SceneSpec, generate_scene
 from dfield.features.distill import distill
 from dfield.query.context import context
@@ -120,9 +121,14 @@ def prototype_miou(run, split: str = "test") -> dict:
         r = ctx.render(test.cameras, i)
         lab = labels[(F.normalize(ctx.decode(r.feature) - center, dim=-1) @ unit.T).argmax(-1)]
         pred.append(torch.where(r.acc > OPAQUE, lab, torch.zeros_like(lab)))
-    mean, per = miou(torch.stack(pred), test.object_ids.long())
+    pred, gt = torch.stack(pred), test.object_ids.long()
+    mean, per = miou(pred, gt)
     names = {int(k): v for k, v in train.object_names.items()}
-    return {"miou": mean, "per_object": {names.get(k, str(k)): v for k, v in per.items()}}
+    # Boundary F of the segmentation, per object (ground excluded, as in the selection scores), over all views.
+    bf = {names.get(k, str(k)): boundary_f(pred == k, gt == k) for k in ids if k != GROUND}
+    bf = {k: v for k, v in bf.items() if v is not None}
+    return {"miou": mean, "per_object": {names.get(k, str(k)): v for k, v in per.items()},
+            "boundary_f_segmentation": sum(bf.values()) / len(bf) if bf else None, "boundary_f_per_object": bf}
 
 
 def score(run: Path, selections: bool) -> dict:
@@ -150,7 +156,7 @@ def print_table(entry: dict, scene, teacher: str, steps: int) -> None:
     print(f"\nscene {scene}, teacher {teacher}, {steps} distill steps on one radiance field")
     cols = [("3D patch", "patch_iou"), ("3D click", "click_iou"), ("min click", "min_click_iou"),
             ("bound. F", "boundary_f_click"), ("2D patch", "patch_iou_2d"), ("2D click", "click_iou_2d"),
-            ("mIoU", "miou"), ("seconds", "seconds"), ("RSS GiB", "peak_rss_gib")]
+            ("mIoU", "miou"), ("seg. bd F", "boundary_f_segmentation"), ("seconds", "seconds"), ("RSS GiB", "peak_rss_gib")]
     print(f"{'variant':<24}" + "".join(f"{c:>10}" for c, _ in cols))
     for name, r in rows.items():
         cells = []

@@ -450,6 +450,46 @@ def test_grid_model_schedule_upsamples_and_shrinks():
     assert math.prod(model.field.res) > math.prod(res0)
 
 
+def test_a_threshold_above_the_early_one_is_capped_at_the_grids_mean_opacity():
+    torch.manual_seed(0)
+    cfg = GridModelConfig(field=dataclasses.replace(TINY_FIELD, density_shift=-12.0, init_scale=1.5), voxels_init=12**3)
+    model = GridModel(BOX, 0.1, 10.0, BACKGROUND, cfg)
+    res = model.field.res[0]
+    sigma = model.field.density_on_lattice(OccupancyGrid(BOX, res).lattice_axes())
+    mean = float((1 - torch.exp(-sigma * model.step)).mean())
+    assert cfg.occupancy_threshold < mean < 0.5
+    for asked, used in ((0.5, mean), (mean / 2, mean / 2), (1e-6, 1e-6)):
+        model.update_occupancy(threshold=asked)  # a faint scene keeps its cells whatever the late threshold says
+        expected = OccupancyGrid(BOX, res)
+        expected.mark(sigma, model.step, used)
+        assert torch.equal(model.occupancy.occupied, expected.occupied), asked
+
+
+def test_empty_space_is_marked_at_the_late_threshold_once_the_grid_has_settled():
+    from dfield.models.schedule import GridSchedule
+
+    cfg = GridModelConfig(upsample_steps=(6, 10), shrink_step=4, occupancy_start=2, occupancy_every=2,
+                          occupancy_threshold=1e-4, occupancy_threshold_late=1e-2)
+    marked = {}
+
+    class Model:
+        shrunk = False
+
+        def update_occupancy(self, shrink=False, threshold=None):
+            marked[step] = threshold
+            self.shrunk |= shrink
+            return 0.5
+
+        def resize_grid(self, n_voxels):
+            pass
+
+    schedule, model = GridSchedule(cfg), Model()
+    for step in range(16):
+        schedule.before_step(model, step)
+    assert schedule.settled_step() == 10
+    assert marked == {s: 1e-4 for s in (2, 4, 6, 8)} | {s: 1e-2 for s in (10, 12, 14)}
+
+
 def test_nerf_model_shapes():
     torch.manual_seed(0)
     model = NeRFModel(0.5, 6.0, BACKGROUND, NeRFModelConfig(depth=2, width=16, n_coarse=8, n_fine=8))

@@ -40,9 +40,9 @@ class Restructurable(Protocol):
 
     shrunk: bool
 
-    def update_occupancy(self, shrink: bool = False) -> float:
-        """Re-mark empty space from the current density (and, with `shrink`, shrink the box to what is occupied,
-        setting `shrunk`); return the occupied fraction of the grid."""
+    def update_occupancy(self, shrink: bool = False, threshold: float | None = None) -> float:
+        """Re-mark empty space from the current density, cells at least `threshold` opaque per step (and, with
+        `shrink`, shrink the box to what is occupied, setting `shrunk`); return the occupied fraction of the grid."""
         ...
 
     def resize_grid(self, n_voxels: int) -> None:
@@ -53,7 +53,8 @@ class Restructurable(Protocol):
 class GridSchedule(Schedule):
     """Occupancy updates, one box shrink and coarse-to-fine upsampling of a grid model (settings in
     GridModelConfig): at `occupancy_start` and then every `occupancy_every` steps (every
-    `occupancy_every_late` after `occupancy_slow_after`) empty space is re-marked; at `shrink_step` the box
+    `occupancy_every_late` after `occupancy_slow_after`) empty space is re-marked (at `occupancy_threshold`, and at
+    `occupancy_threshold_late` once the structure has settled); at `shrink_step` the box
     shrinks to the occupied cells; at each of `upsample_steps` the grid grows log-linearly from `voxels_init`
     to `voxels_final` cells.
 
@@ -91,7 +92,8 @@ class GridSchedule(Schedule):
         change = ScheduleStep()
         if self.occupancy_due(step):
             shrink = step >= c.shrink_step and not model.shrunk
-            model.update_occupancy(shrink=shrink)
+            late = step >= self.settled_step()
+            model.update_occupancy(shrink=shrink, threshold=c.occupancy_threshold_late if late else c.occupancy_threshold)
             change.reshaped = change.shrunk = shrink  # a shrink resamples the volumes: new parameters
         if step in c.upsample_steps:
             model.resize_grid(self.voxels_after(c.upsample_steps.index(step) + 1))
