@@ -43,7 +43,7 @@ class GridModelConfig:
     """Re-mark empty space this often until `occupancy_slow_after` (density clears fast early on)."""
     occupancy_slow_after: int = 500
     occupancy_every_late: int = 250
-    """Re-mark empty space this often after `occupancy_slow_after` (updates cost a full-grid density pass)."""
+    """Re-mark empty space this often after `occupancy_slow_after`."""
     shrink_step: int = 300
     """Shrink the box to the occupied region here: the same voxel budget then buys a finer resolution."""
     occupancy_threshold: float = 1e-4
