@@ -465,7 +465,7 @@ def test_a_threshold_above_the_early_one_is_capped_at_the_grids_mean_opacity():
         assert torch.equal(model.occupancy.occupied, expected.occupied), asked
 
 
-def test_empty_space_is_marked_at_the_late_threshold_once_the_grid_has_settled():
+def test_empty_space_is_marked_at_the_late_threshold_from_the_box_shrink():
     from dfield.models.schedule import GridSchedule
 
     cfg = GridModelConfig(upsample_steps=(6, 10), shrink_step=4, occupancy_start=2, occupancy_every=2,
@@ -486,7 +486,11 @@ def test_empty_space_is_marked_at_the_late_threshold_once_the_grid_has_settled()
     schedule, model = GridSchedule(cfg), Model()
     for step in range(16):
         schedule.before_step(model, step)
-    assert schedule.settled_step() == 10
+    assert marked == {2: 1e-4} | {s: 1e-2 for s in (4, 6, 8, 10, 12, 14)}
+    cfg.occupancy_late_step = 10  # or from a step of one's own
+    marked.clear()
+    for step in range(16):
+        schedule.before_step(model, step)
     assert marked == {s: 1e-4 for s in (2, 4, 6, 8)} | {s: 1e-2 for s in (10, 12, 14)}
 
 

@@ -54,7 +54,7 @@ class GridSchedule(Schedule):
     """Occupancy updates, one box shrink and coarse-to-fine upsampling of a grid model (settings in
     GridModelConfig): at `occupancy_start` and then every `occupancy_every` steps (every
     `occupancy_every_late` after `occupancy_slow_after`) empty space is re-marked (at `occupancy_threshold`, and at
-    `occupancy_threshold_late` once the structure has settled); at `shrink_step` the box
+    `occupancy_threshold_late` from `occupancy_late_step`, by default the shrink); at `shrink_step` the box
     shrinks to the occupied cells; at each of `upsample_steps` the grid grows log-linearly from `voxels_init`
     to `voxels_final` cells.
 
@@ -92,7 +92,7 @@ class GridSchedule(Schedule):
         change = ScheduleStep()
         if self.occupancy_due(step):
             shrink = step >= c.shrink_step and not model.shrunk
-            late = step >= self.settled_step()
+            late = step >= (c.shrink_step if c.occupancy_late_step < 0 else c.occupancy_late_step)
             model.update_occupancy(shrink=shrink, threshold=c.occupancy_threshold_late if late else c.occupancy_threshold)
             change.reshaped = change.shrunk = shrink  # a shrink resamples the volumes: new parameters
         if step in c.upsample_steps:
