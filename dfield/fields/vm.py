@@ -239,7 +239,7 @@ class VMVolume(nn.Module):
         products instead of one read per point (the occupancy grid of a 118^3 box: 0.8 s by points, a few ms so).
 
         .. math::
-            s(x, y, z) = \sum_c P^{xy}_c(x, y) L^z_c(z) + P^{xz}_c(x, z) L^y_c(y) + P^{yz}_c(y, z) L^x_c(x)
+            s(x, y, z) = \\sum_c P^{xy}_c(x, y) L^z_c(z) + P^{xz}_c(x, z) L^y_c(y) + P^{yz}_c(y, z) L^x_c(x)
 
         Example:
             >>> vol = VMVolume(4, (5, 6, 7))
