@@ -180,7 +180,7 @@ def render_field(field: Field, rays: Rays, settings: RenderSettings, generator: 
                         s.contraction)
     # The samples by flat index into the padded layout, gathered with index_select: boolean-mask indexing would run a
     # nonzero at every use (a CPU step's march and compositing spent a fifth of their time there).
-    flat = samples.flat if samples.flat is not None else samples.mask.view(-1).nonzero().squeeze(1)
+    flat = samples.flat
     with PROFILER.phase("density"):
         sigma = field.density(samples.positions)
         sigma = sigma.new_zeros(samples.mask.numel()).index_put((flat,), sigma).view(samples.mask.shape)

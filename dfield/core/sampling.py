@@ -82,14 +82,19 @@ class OccupancyGrid:
         return self.mark(sigma.reshape((self.resolution,) * 3), step, threshold, dilate)
 
     @torch.no_grad()
-    def mark(self, sigma: torch.Tensor, step: float, threshold: float = 1e-4, dilate: int = 1) -> float:
+    def mark(self, sigma: torch.Tensor, step: float, threshold: float = 1e-4, dilate: int = 1,
+             floor: float | None = None) -> float:
         """Re-mark cells from densities at their centres, (res, res, res) (`lattice_axes` order). Returns the
         occupied fraction.
 
         A cell is kept when a step of length `step` through it would be at least `threshold` opaque,
-        then the mask is dilated so thin structures between cell centres are not cut.
+        then the mask is dilated so thin structures between cell centres are not cut. With a `floor`, the threshold
+        is capped at the grid's mean opacity (as nerfacc's and Instant-NGP's occupancy grids are: a scene still
+        faint everywhere keeps its cells), but not below `floor`.
         """
         occ = 1 - torch.exp(-sigma * step)
+        if floor is not None:
+            threshold = max(floor, min(threshold, float(occ.mean())))
         if dilate > 0:
             k = 2 * dilate + 1
             occ = F.max_pool3d(occ[None, None], k, stride=1, padding=dilate)[0, 0]
@@ -126,11 +131,11 @@ class RaySamples:
     mask: torch.Tensor
     positions: torch.Tensor  # (M, 3) positions of the masked samples, in mask order
     ray_index: torch.Tensor  # (M,) which ray each masked sample belongs to
+    flat: torch.Tensor  # (M,) the masked samples' indices into the flattened (R, S) layout, in mask order
     # Unbounded scenes: the samples' warped distances normalised to [0, 1) over each ray (near -> infinity), and
     # each ray's step in those units (R, 1): what the distortion loss measures (`dfield.core.rendering`).
     s: torch.Tensor | None = None
     ds: torch.Tensor | None = None
-    flat: torch.Tensor | None = None  # (M,) the masked samples' indices into the flattened (R, S) layout, in mask order
 
 
 @dataclass

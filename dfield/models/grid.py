@@ -140,12 +140,9 @@ class GridModel(Model):
         # field's box coordinates: densities for all of them at once (0.8 s -> a few ms at 118^3 cells).
         sigma = self.field.density_on_lattice(grid.lattice_axes())
         base = self.cfg.occupancy_threshold
-        if threshold is not None and threshold > base:
-            # Capped at the grid's mean opacity (as nerfacc's and Instant-NGP's occupancy grids are): a scene still
-            # faint everywhere keeps its cells; never below the early threshold.
-            mean = float((1 - torch.exp(-sigma * self.step)).mean())
-            threshold = max(base, min(threshold, mean))
-        frac = grid.mark(sigma, self.step, base if threshold is None else threshold)
+        threshold = base if threshold is None else threshold
+        # A higher threshold is capped at the grid's mean opacity, never below the early one.
+        frac = grid.mark(sigma, self.step, threshold, floor=base if threshold > base else None)
         if shrink and self.contraction is None:
             box = grid.occupied_aabb()
             # Keep a margin of two cells so surfaces near the edge are not clipped.
