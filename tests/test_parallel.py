@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from dfield.app import api
 from dfield.app.cli import main as cli_main
-from dfield.app.launch import launch
+from dfield.app.launch import free_port, launch
 from dfield.core.pixels import PixelRuns
 from dfield.core.rays import RayBatcher
 from dfield.data import load_dataset, store
@@ -194,11 +194,13 @@ def test_eval_and_render_split_views_over_processes(joint_batch_run, tmp_path):
 def test_torchrun_runs_the_dfield_module(tiny_scene, tmp_path):
     """`torchrun --nproc-per-node 2 -m dfield train ...`: one run folder, logged once."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "dfield", "train",
+    # A free rendezvous port, not torchrun's fixed 29500, which another job on the machine may hold.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "dfield", "train",
            str(tiny_scene), "--downscale", "1", "--out", str(tmp_path / "run"), "--iterations", "6", "--batch-rays", "128",
            "--log-every", "2", "--checkpoint-every", "3", "--no-eval"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-6000:]
     assert [r["step"] for r in _log(tmp_path / "run")] == [2, 4, 6]
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_000006"
     assert p.stderr.count("trained 6 steps") == 1  # rank 1 is silent
