@@ -31,11 +31,14 @@ def _sparse_backward(rows: torch.Tensor, weights: torch.Tensor, grad_out: torch.
 
 
 def _index_add_backward(rows: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """Table gradient of `gather_rows` as one `index_add_` of the weighted output gradients (no sort, no sparse
-    tensor)."""
-    c = grad_out.shape[1]
-    contrib = (weights[:, :, None] * grad_out[:, None, :]).reshape(-1, c)
-    return grad_out.new_zeros(n_rows, c).index_add_(0, rows.reshape(-1), contrib)
+    """Table gradient of `gather_rows` as one `index_add_` per corner of the weighted output gradients (no sort, no
+    sparse tensor). Per corner rather than one call over all (N * K, C) weighted rows, which are then never made: half
+    the time on a 2-core AMD EPYC at a late lego step's sizes (5k colour and 13k density samples: 7.5 -> 4.1 ms for
+    the four reads)."""
+    out = grad_out.new_zeros(n_rows, grad_out.shape[1])
+    for k in range(rows.shape[1]):
+        out.index_add_(0, rows[:, k], grad_out * weights[:, k, None])
+    return out
 
 
 BACKWARDS = {"index_add": _index_add_backward, "sparse": _sparse_backward}
