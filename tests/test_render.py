@@ -16,6 +16,7 @@ from dfield.fields.tensorf import TensoRFConfig
 from dfield.fields.vm import LINE_AXES, PLANE_AXES, VMVolume, _GatherRows, gather_rows
 from dfield.models.grid import GridModel, GridModelConfig
 from dfield.models.nerf import NeRFModel, NeRFModelConfig, _sample_pdf
+from dfield.models.schedule import GridSchedule
 
 torch.set_num_threads(1)
 
@@ -466,8 +467,6 @@ def test_a_threshold_above_the_early_one_is_capped_at_the_grids_mean_opacity():
 
 
 def test_empty_space_is_marked_at_the_late_threshold_from_the_box_shrink():
-    from dfield.models.schedule import GridSchedule
-
     cfg = GridModelConfig(upsample_steps=(6, 10), shrink_step=4, occupancy_start=2, occupancy_every=2,
                           occupancy_threshold=1e-4, occupancy_threshold_late=1e-2)
     marked = {}
